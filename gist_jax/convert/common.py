@@ -1,0 +1,232 @@
+"""Pieces every model family's conversion shares: reading an HF directory (config.json and
+safetensors, sharded or not, without torch), writing safetensors, adding the ``<GIST>``
+token (tokenizer entry plus mean-initialised embedding rows), and the gist_jax converted
+checkpoint directory itself.
+
+A converted checkpoint directory (what ``from_hf`` writes, ``to_hf`` and training read)::
+
+    OUT/
+      model_config.json   {"model_type": "llama" | "t5", ..., "gist_token_id": int}
+      params/             orbax checkpoint of the params pytree (plain nested dict)
+      tokenizer/          HF tokenizer files, ``<GIST>`` added as one special token
+
+Directories are written under a temporary name and renamed into place, so a crash never
+leaves an ``OUT`` that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+GIST_TOKEN = "<GIST>"
+MODEL_CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+
+
+class ConversionError(ValueError):
+    """A checkpoint or HF directory that cannot be converted; the message names the cause."""
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``config.json`` of an HF model directory."""
+    path = pathlib.Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path}: not valid JSON ({err})") from err
+
+
+def _safetensors_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (hf_dir / n).is_file()]
+        if missing:
+            raise ConversionError(f"{index}: lists shard(s) that do not exist: {missing}")
+        return [hf_dir / n for n in names]
+    single = hf_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(hf_dir.glob("*.safetensors"))
+    if found:
+        return found
+    raise ConversionError(f"{hf_dir}: no *.safetensors weights (pytorch_model.bin is not read)")
+
+
+def read_safetensors(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of an HF directory as numpy arrays (bfloat16/float16 become float32)."""
+    from safetensors.numpy import load_file
+
+    tensors: dict[str, np.ndarray] = {}
+    for path in _safetensors_files(pathlib.Path(hf_dir)):
+        try:
+            loaded = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for bad files
+            raise ConversionError(f"{path}: cannot read safetensors file ({err})") from err
+        for name, array in loaded.items():
+            if array.dtype != np.float32 and np.issubdtype(array.dtype, np.floating):
+                array = array.astype(np.float32)
+            tensors[name] = array
+    return tensors
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write numpy tensors to one safetensors file (contiguous copies, torch not needed)."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+
+
+def take_tensor(
+    tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]
+) -> np.ndarray:
+    """``tensors[name]``, checked against the expected shape; errors name both."""
+    if name not in tensors:
+        raise ConversionError(f"missing tensor {name!r} (expected shape {shape})")
+    array = tensors[name]
+    if tuple(array.shape) != tuple(shape):
+        raise ConversionError(
+            f"tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(shape)}"
+        )
+    return array
+
+
+def append_mean_row(matrix: np.ndarray) -> np.ndarray:
+    """``[V, D] -> [V + 1, D]``: the new (gist) row is the mean of the existing rows."""
+    mean = matrix.astype(np.float64).mean(axis=0, keepdims=True).astype(matrix.dtype)
+    return np.concatenate([matrix, mean], axis=0)
+
+
+def add_gist_token(tokenizer: Any) -> int:
+    """Add ``<GIST>`` as one special token to an HF tokenizer (in place); return its id.
+
+    A tokenizer that already has it keeps it (conversion is idempotent).
+    """
+    if GIST_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [GIST_TOKEN]})
+    return int(tokenizer.convert_tokens_to_ids(GIST_TOKEN))
+
+
+def gist_token_id_of(tokenizer: Any) -> int:
+    """The id of ``<GIST>`` in a tokenizer; a clear error if the tokenizer lacks it."""
+    vocab = tokenizer.get_vocab()
+    if GIST_TOKEN not in vocab:
+        raise ConversionError(
+            f"tokenizer has no {GIST_TOKEN} token; convert the model with "
+            "`python -m gist_jax.convert.from_hf` first"
+        )
+    return int(vocab[GIST_TOKEN])
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
+    """Yield a temporary sibling directory that is renamed to ``out_dir`` on success and
+    removed on failure, so ``out_dir`` either does not exist or is complete."""
+    out = pathlib.Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"{out.parent} is not writable")
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def save_params(path: str | os.PathLike, params: Any) -> None:
+    """Write a params pytree as an orbax checkpoint at ``path`` (which must not exist)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(pathlib.Path(path).absolute(), params)
+
+
+def load_params(path: str | os.PathLike, target: Any = None) -> Any:
+    """Read a params pytree written by ``save_params``; ``target`` (abstract arrays with
+    shardings) restores directly onto a mesh."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    if not path.is_dir():
+        raise ConversionError(f"{path}: no params checkpoint")
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path, target)
+
+
+def save_converted(
+    out_dir: str | os.PathLike,
+    params: Any,
+    model_config: Mapping[str, Any],
+    tokenizer: Any | None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Write a converted checkpoint directory atomically (layout in the module docstring)."""
+    if "model_type" not in model_config or "gist_token_id" not in model_config:
+        raise ValueError("model_config needs 'model_type' and 'gist_token_id'")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(dict(model_config), indent=2) + "\n")
+        save_params(tmp / PARAMS_DIR, params)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+    return pathlib.Path(out_dir)
+
+
+def read_model_config(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``model_config.json`` of a converted checkpoint directory."""
+    path = pathlib.Path(ckpt_dir) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(f"{ckpt_dir}: no {MODEL_CONFIG_FILE} (not a gist_jax checkpoint)")
+    return json.loads(path.read_text())
+
+
+def load_tokenizer(ckpt_dir: str | os.PathLike) -> Any:
+    """The HF tokenizer saved in a converted checkpoint directory (torch not needed)."""
+    from transformers import AutoTokenizer
+
+    path = pathlib.Path(ckpt_dir) / TOKENIZER_DIR
+    if not path.is_dir():
+        raise ConversionError(f"{ckpt_dir}: no {TOKENIZER_DIR}/ directory")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def check_params_match(params: Any, expected: Any, where: str) -> None:
+    """Raise ``ConversionError`` naming every leaf whose shape differs from ``expected``
+    (a pytree of arrays or ``ShapeDtypeStruct``s), or that is missing or extra."""
+    import jax
+
+    got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in _leaves(params)}
+    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in _leaves(expected)}
+    problems = [f"missing {k} {s}" for k, s in want.items() if k not in got]
+    problems += [f"unexpected {k} {s}" for k, s in got.items() if k not in want]
+    problems += [
+        f"{k} has shape {got[k]}, config implies {s}"
+        for k, s in want.items()
+        if k in got and got[k] != s
+    ]
+    if problems:
+        raise ConversionError(f"{where}: params do not match the model config: " + "; ".join(problems[:10]))
+
+
+def _leaves(tree: Any) -> list[tuple[Any, Any]]:
+    import jax
+
+    return jax.tree_util.tree_flatten_with_path(tree)[0]

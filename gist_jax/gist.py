@@ -1,0 +1,264 @@
+"""Gist attention masks as pure functions of token ids or of per-example gist spans.
+
+This module owns the masking semantics of gisting (Mu, Li & Goodman, 2023) and nothing
+else: it knows no models, configs or data files. Rows are queries, columns are keys.
+
+For an example whose contiguous gist tokens occupy positions ``first..last``:
+
+=============  =====================  =====================
+condition      query i <= last        query i > last
+=============  =====================  =====================
+gist           keys j <= last         keys j >= first
+pos_control    all keys               all keys
+neg_control    keys j <= last         keys j > last
+=============  =====================  =====================
+
+An example without gist tokens is encoded as the span ``first = last = -1``; every rule
+above then allows all keys, so such an example gets plain attention without a special
+case. Positions are whatever coordinate system the spans are expressed in: row indices
+for a full or packed sequence, absolute positions in the uncompressed sequence for a
+decode step or for a cache that holds only the gist tokens. That is what lets one
+function serve training, full-sequence evaluation and compressed decoding.
+
+Two layers of API:
+
+* ``make_gist_mask`` / ``make_cross_attention_mask``: dense masks from token ids, for
+  users and tests (``bool[B, 1, L, L]`` / ``bool[B, 1, 1, L]``).
+* ``gist_spans`` + ``span_mask`` / ``span_cross_mask``: the jit-friendly form used by
+  the models, train step and decoder; ``causal_mask`` and ``key_padding_mask`` are the
+  other factors they AND in.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Condition = Literal["gist", "pos_control", "neg_control"]
+CONDITIONS: tuple[str, ...] = ("gist", "pos_control", "neg_control")
+
+# Span value of an example that has no gist token; every condition then allows all keys.
+NO_GIST = -1
+
+ArrayLike = jax.Array | np.ndarray
+
+
+def check_condition(condition: str) -> None:
+    """Raise ``ValueError`` unless ``condition`` is one of ``CONDITIONS``."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown gist condition {condition!r}; expected one of {CONDITIONS}")
+
+
+def _is_concrete(x: ArrayLike) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_gist_contiguous(input_ids: ArrayLike, gist_token_id: int) -> None:
+    """Raise ``ValueError`` naming the first example whose gist tokens are not contiguous.
+
+    Caching keeps the key/values of positions ``first..last``; a stray gist token elsewhere
+    would be cached as a gist or would make tokens in between invisible, so such inputs are
+    rejected rather than silently mis-masked. Works on concrete (host) arrays only.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    is_gist = ids == gist_token_id
+    for row, flags in enumerate(is_gist):
+        where = np.flatnonzero(flags)
+        if where.size and where[-1] - where[0] + 1 != where.size:
+            raise ValueError(
+                f"example {row}: gist tokens (id {gist_token_id}) must be contiguous, found "
+                f"them at positions {where.tolist()}"
+            )
+
+
+def gist_spans(input_ids: ArrayLike, gist_token_id: int) -> tuple[jax.Array, jax.Array]:
+    """Per-example positions of the first and last gist token, ``int32[B]`` each.
+
+    Examples without a gist token get ``NO_GIST`` for both. Jittable; when called on
+    concrete arrays it also checks that gist tokens are contiguous.
+    """
+    if _is_concrete(input_ids):
+        check_gist_contiguous(input_ids, gist_token_id)
+    ids = jnp.asarray(input_ids)
+    is_gist = ids == gist_token_id
+    length = ids.shape[-1]
+    any_gist = jnp.any(is_gist, axis=-1)
+    first = jnp.argmax(is_gist, axis=-1)
+    last = length - 1 - jnp.argmax(is_gist[..., ::-1], axis=-1)
+    first = jnp.where(any_gist, first, NO_GIST).astype(jnp.int32)
+    last = jnp.where(any_gist, last, NO_GIST).astype(jnp.int32)
+    return first, last
+
+
+def _expand_span(span: ArrayLike, q_ndim: int) -> jax.Array:
+    """Give a ``[B]`` or ``[B, Q]`` span a trailing key axis: ``[B, 1, 1]`` or ``[B, Q, 1]``."""
+    span = jnp.asarray(span)
+    if span.ndim == 1:
+        span = span[:, None]
+    if span.ndim != q_ndim:
+        raise ValueError(f"span has shape {span.shape}; expected [B] or [B, Q]")
+    return span[..., None]
+
+
+def span_mask(
+    q_positions: ArrayLike,
+    k_positions: ArrayLike,
+    first: ArrayLike,
+    last: ArrayLike,
+    condition: Condition = "gist",
+) -> jax.Array:
+    """The gist rule alone (no causal or padding factor): ``bool[B, Q, K]``.
+
+    Args:
+      q_positions: ``int[B, Q]`` positions of the queries, in the spans' coordinates.
+      k_positions: ``int[B, K]`` positions of the keys, same coordinates.
+      first, last: gist span per example ``int[B]``, or per query ``int[B, Q]`` for
+        packed rows where each segment has its own span.
+      condition: "gist", "pos_control" or "neg_control".
+    """
+    check_condition(condition)
+    q = jnp.asarray(q_positions)[:, :, None]
+    k = jnp.asarray(k_positions)[:, None, :]
+    if condition == "pos_control":
+        return jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), dtype=bool)
+    first = _expand_span(first, 2)
+    last = _expand_span(last, 2)
+    before_or_gist = q <= last
+    prompt_rule = k <= last
+    after_rule = (k >= first) if condition == "gist" else (k > last)
+    return jnp.where(before_or_gist, prompt_rule, after_rule)
+
+
+def span_cross_mask(
+    k_positions: ArrayLike,
+    first: ArrayLike,
+    last: ArrayLike,
+    condition: Condition = "gist",
+) -> jax.Array:
+    """Decoder cross-attention rule over encoder positions: ``bool[B, 1, K]``.
+
+    gist: keys ``j >= first``; neg_control: ``j > last``; pos_control: all keys.
+    """
+    check_condition(condition)
+    k = jnp.asarray(k_positions)[:, None, :]
+    if condition == "pos_control":
+        return jnp.ones(k.shape, dtype=bool)
+    first = _expand_span(first, 1)
+    last = _expand_span(last, 1)
+    return (k >= first) if condition == "gist" else (k > last)
+
+
+def causal_mask(q_positions: ArrayLike, k_positions: ArrayLike) -> jax.Array:
+    """``bool[B, Q, K]``: key position <= query position."""
+    return jnp.asarray(k_positions)[:, None, :] <= jnp.asarray(q_positions)[:, :, None]
+
+
+def key_padding_mask(k_valid: ArrayLike) -> jax.Array:
+    """``bool[B, 1, K]`` from a ``bool[B, K]`` flag of keys that are real tokens."""
+    return jnp.asarray(k_valid, dtype=bool)[:, None, :]
+
+
+def segment_mask(q_segments: ArrayLike, k_segments: ArrayLike) -> jax.Array:
+    """``bool[B, Q, K]``: query and key belong to the same packed example."""
+    return jnp.asarray(q_segments)[:, :, None] == jnp.asarray(k_segments)[:, None, :]
+
+
+def _valid_keys(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
+    if pad_token_id is None:
+        return jnp.ones(input_ids.shape, dtype=bool)
+    return input_ids != pad_token_id
+
+
+def make_gist_mask(
+    input_ids: ArrayLike,
+    gist_token_id: int,
+    pad_token_id: int | None = None,
+    condition: Condition = "gist",
+) -> jax.Array:
+    """Dense, non-causal gist self-attention mask ``bool[B, 1, L, L]`` from token ids.
+
+    Keys that are padding (``input_ids == pad_token_id``) are masked out; decoder-only
+    models AND a causal mask on top. Examples without a gist token are unmasked.
+    Raises ``ValueError`` for non-contiguous gist tokens (concrete inputs).
+    """
+    ids = jnp.asarray(input_ids)
+    first, last = gist_spans(input_ids, gist_token_id)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
+    mask = span_mask(positions, positions, first, last, condition)
+    mask = mask & key_padding_mask(_valid_keys(ids, pad_token_id))
+    return mask[:, None]
+
+
+def make_cross_attention_mask(
+    input_ids: ArrayLike,
+    gist_token_id: int,
+    pad_token_id: int | None = None,
+    condition: Condition = "gist",
+) -> jax.Array:
+    """Decoder cross-attention mask over encoder positions, ``bool[B, 1, 1, L]``.
+
+    Always ANDed with non-padding keys, and never all-zero for an example whose gist
+    tokens are absent (it then sees every real encoder token).
+    """
+    ids = jnp.asarray(input_ids)
+    first, last = gist_spans(input_ids, gist_token_id)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
+    mask = span_cross_mask(positions, first, last, condition)
+    mask = mask & key_padding_mask(_valid_keys(ids, pad_token_id))
+    return mask[:, None]
+
+
+def decoder_self_mask(
+    q_positions: ArrayLike,
+    k_positions: ArrayLike,
+    first: ArrayLike,
+    last: ArrayLike,
+    condition: Condition = "gist",
+    q_segments: ArrayLike | None = None,
+    k_segments: ArrayLike | None = None,
+) -> jax.Array:
+    """The full decoder-only self-attention mask ``bool[B, 1, Q, K]``: gist rule AND causal
+    AND key is real (position ``>= 0``; ``-1`` marks padding or an empty cache slot) AND,
+    for packed rows, same segment. Serves training, prefill, decode steps and decoding
+    from a gist cache alike, since positions are absolute in every case."""
+    k_real = jnp.asarray(k_positions) >= 0
+    mask = span_mask(q_positions, k_positions, first, last, condition)
+    mask = mask & causal_mask(q_positions, k_positions) & key_padding_mask(k_real)
+    if q_segments is not None:
+        mask = mask & segment_mask(q_segments, k_segments)
+    return mask[:, None]
+
+
+def encoder_self_mask(
+    q_positions: ArrayLike,
+    k_positions: ArrayLike,
+    first: ArrayLike,
+    last: ArrayLike,
+    condition: Condition = "gist",
+    q_segments: ArrayLike | None = None,
+    k_segments: ArrayLike | None = None,
+) -> jax.Array:
+    """Bidirectional (T5 encoder) self-attention mask ``bool[B, 1, Q, K]``: gist rule AND
+    key is real (position ``>= 0``) AND, for packed rows, same segment."""
+    k_real = jnp.asarray(k_positions) >= 0
+    mask = span_mask(q_positions, k_positions, first, last, condition) & key_padding_mask(k_real)
+    if q_segments is not None:
+        mask = mask & segment_mask(q_segments, k_segments)
+    return mask[:, None]
+
+
+def cross_mask(
+    k_positions: ArrayLike,
+    first: ArrayLike,
+    last: ArrayLike,
+    condition: Condition = "gist",
+) -> jax.Array:
+    """T5 decoder cross-attention mask ``bool[B, 1, 1, K]`` over encoder positions
+    (``-1`` = padding): the cross rule AND key is real."""
+    k_real = jnp.asarray(k_positions) >= 0
+    return (span_cross_mask(k_positions, first, last, condition) & key_padding_mask(k_real))[:, None]

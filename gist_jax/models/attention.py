@@ -1,0 +1,124 @@
+"""Shared attention pieces: masked dot-product attention (with grouped-query heads) and
+the explicit key/value cache that decoding and gist compression slice and store.
+
+Masks arrive as booleans built by ``gist_jax.gist``; they are applied here with a
+finite large negative logit so that fully masked rows (padding queries) produce a
+uniform, finite softmax instead of NaN.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+# Finite, so a fully masked row softmaxes to a uniform distribution rather than NaN;
+# large enough that exp(masked - unmasked) underflows to exactly 0 in float32.
+MASK_VALUE = -1e30
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention with grouped-query heads and a boolean mask.
+
+    Args:
+      query: ``[B, Q, H, D]``.
+      key, value: ``[B, K, KVH, D]`` with ``H % KVH == 0`` (KVH < H is grouped-query).
+      mask: ``bool[B, 1 or H, Q, K]`` (True = may attend) or None.
+      bias: optional additive ``[B or 1, H, Q, K]`` (T5's relative position bias).
+      scale: logit scale; ``None`` means ``D ** -0.5``; T5 passes 1.0.
+
+    Returns ``[B, Q, H, D]`` in the query's dtype. Softmax runs in float32.
+    """
+    batch, q_len, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
+    groups = heads // kv_heads
+    if scale is None:
+        scale = head_dim**-0.5
+    q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    k_len = key.shape[1]
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32).reshape(-1, kv_heads, groups, q_len, k_len)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, k_len))
+        if mask.shape[1] == 1:
+            mask = mask[:, :, None]
+        else:
+            mask = mask.reshape(batch, kv_heads, groups, q_len, k_len)
+        logits = jnp.where(mask, logits, MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value)
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys/values of a decoder, with the absolute position of every slot.
+
+    Attributes:
+      k, v: ``[layers, B, S, KVH, D]``; LLaMA stores keys already rotated (RoPE).
+      pos: ``int32[B, S]`` absolute position of each slot in the uncompressed sequence;
+        ``-1`` marks an empty slot (never attended to).
+      end: ``int32[]`` next slot to write, shared by the batch. Examples with different
+        lengths write padding tokens as empty slots (``pos == -1``), so a shared write
+        index is enough while each example keeps its own positions. This is what lets
+        batched decoding, and decoding from a compressed gist cache whose examples have
+        gists at different positions, use one ``dynamic_update_slice`` per step.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def empty(
+        cls,
+        num_layers: int,
+        batch: int,
+        size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: jnp.dtype = jnp.float32,
+    ) -> KVCache:
+        shape = (num_layers, batch, size, kv_heads, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            pos=jnp.full((batch, size), -1, jnp.int32),
+            end=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def size(self) -> int:
+        return self.pos.shape[1]
+
+    def positions_after_append(self, positions: jax.Array) -> jax.Array:
+        """Slot positions ``int32[B, S]`` once ``positions`` (``[B, Q]``, -1 = padding)
+        are written at ``end``: what a caller needs to build the mask for that call."""
+        return jax.lax.dynamic_update_slice(self.pos, positions.astype(jnp.int32), (0, self.end))
+
+
+def write_layer_cache(
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    end: jax.Array,
+    new_k: jax.Array,
+    new_v: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Write one layer's new keys/values ``[B, Q, KVH, D]`` at slot ``end`` of its
+    ``[B, S, KVH, D]`` cache; returns the updated pair."""
+    start = (0, end, 0, 0)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), start)
+    cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), start)
+    return cache_k, cache_v
