@@ -56,6 +56,12 @@ def _is_concrete(x: ArrayLike) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _xp(*arrays: ArrayLike | None):
+    """numpy for host inputs (data pipeline, tests: no per-shape compiles), jax.numpy as
+    soon as one input is a JAX array or tracer (inside jitted code)."""
+    return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
+
+
 def check_gist_contiguous(input_ids: ArrayLike, gist_token_id: int) -> None:
     """Raise ``ValueError`` naming the first example whose gist tokens are not contiguous.
 
@@ -82,22 +88,24 @@ def gist_spans(input_ids: ArrayLike, gist_token_id: int) -> tuple[jax.Array, jax
     Examples without a gist token get ``NO_GIST`` for both. Jittable; when called on
     concrete arrays it also checks that gist tokens are contiguous.
     """
+    xp = _xp(input_ids)
     if _is_concrete(input_ids):
         check_gist_contiguous(input_ids, gist_token_id)
-    ids = jnp.asarray(input_ids)
+    ids = xp.asarray(input_ids)
     is_gist = ids == gist_token_id
     length = ids.shape[-1]
-    any_gist = jnp.any(is_gist, axis=-1)
-    first = jnp.argmax(is_gist, axis=-1)
-    last = length - 1 - jnp.argmax(is_gist[..., ::-1], axis=-1)
-    first = jnp.where(any_gist, first, NO_GIST).astype(jnp.int32)
-    last = jnp.where(any_gist, last, NO_GIST).astype(jnp.int32)
+    any_gist = xp.any(is_gist, axis=-1)
+    first = xp.argmax(is_gist, axis=-1)
+    last = length - 1 - xp.argmax(is_gist[..., ::-1], axis=-1)
+    first = xp.where(any_gist, first, NO_GIST).astype(xp.int32)
+    last = xp.where(any_gist, last, NO_GIST).astype(xp.int32)
     return first, last
 
 
 def _expand_span(span: ArrayLike, q_ndim: int) -> jax.Array:
     """Give a ``[B]`` or ``[B, Q]`` span a trailing key axis: ``[B, 1, 1]`` or ``[B, Q, 1]``."""
-    span = jnp.asarray(span)
+    xp = _xp(span)
+    span = xp.asarray(span)
     if span.ndim == 1:
         span = span[:, None]
     if span.ndim != q_ndim:
@@ -121,17 +129,18 @@ def span_mask(
         packed rows where each segment has its own span.
       condition: "gist", "pos_control" or "neg_control".
     """
+    xp = _xp(q_positions, k_positions, first, last)
     check_condition(condition)
-    q = jnp.asarray(q_positions)[:, :, None]
-    k = jnp.asarray(k_positions)[:, None, :]
+    q = xp.asarray(q_positions)[:, :, None]
+    k = xp.asarray(k_positions)[:, None, :]
     if condition == "pos_control":
-        return jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), dtype=bool)
+        return xp.ones(xp.broadcast_shapes(q.shape, k.shape), dtype=bool)
     first = _expand_span(first, 2)
     last = _expand_span(last, 2)
     before_or_gist = q <= last
     prompt_rule = k <= last
     after_rule = (k >= first) if condition == "gist" else (k > last)
-    return jnp.where(before_or_gist, prompt_rule, after_rule)
+    return xp.where(before_or_gist, prompt_rule, after_rule)
 
 
 def span_cross_mask(
@@ -140,37 +149,50 @@ def span_cross_mask(
     last: ArrayLike,
     condition: Condition = "gist",
 ) -> jax.Array:
-    """Decoder cross-attention rule over encoder positions: ``bool[B, 1, K]``.
+    """Decoder cross-attention rule over encoder positions.
 
-    gist: keys ``j >= first``; neg_control: ``j > last``; pos_control: all keys.
+    gist: keys ``j >= first``; neg_control: ``j > last``; pos_control: all keys. With
+    per-example spans ``int[B]`` the result is ``bool[B, 1, K]``; with per-query spans
+    ``int[B, Q]`` (packed rows: each decoder token carries its own example's span) it is
+    ``bool[B, Q, K]``.
     """
+    xp = _xp(k_positions, first, last)
     check_condition(condition)
-    k = jnp.asarray(k_positions)[:, None, :]
+    first = xp.asarray(first)
+    last = xp.asarray(last)
+    if first.ndim not in (1, 2) or first.shape != last.shape:
+        raise ValueError(f"spans have shapes {first.shape}, {last.shape}; expected [B] or [B, Q]")
+    if first.ndim == 1:
+        first, last = first[:, None], last[:, None]
+    k = xp.asarray(k_positions)[:, None, :]
     if condition == "pos_control":
-        return jnp.ones(k.shape, dtype=bool)
-    first = _expand_span(first, 1)
-    last = _expand_span(last, 1)
+        return xp.ones(xp.broadcast_shapes(k.shape, first[..., None].shape), dtype=bool)
+    first, last = first[..., None], last[..., None]
     return (k >= first) if condition == "gist" else (k > last)
 
 
 def causal_mask(q_positions: ArrayLike, k_positions: ArrayLike) -> jax.Array:
     """``bool[B, Q, K]``: key position <= query position."""
-    return jnp.asarray(k_positions)[:, None, :] <= jnp.asarray(q_positions)[:, :, None]
+    xp = _xp(q_positions, k_positions)
+    return xp.asarray(k_positions)[:, None, :] <= xp.asarray(q_positions)[:, :, None]
 
 
 def key_padding_mask(k_valid: ArrayLike) -> jax.Array:
     """``bool[B, 1, K]`` from a ``bool[B, K]`` flag of keys that are real tokens."""
-    return jnp.asarray(k_valid, dtype=bool)[:, None, :]
+    xp = _xp(k_valid)
+    return xp.asarray(k_valid, dtype=bool)[:, None, :]
 
 
 def segment_mask(q_segments: ArrayLike, k_segments: ArrayLike) -> jax.Array:
     """``bool[B, Q, K]``: query and key belong to the same packed example."""
-    return jnp.asarray(q_segments)[:, :, None] == jnp.asarray(k_segments)[:, None, :]
+    xp = _xp(q_segments, k_segments)
+    return xp.asarray(q_segments)[:, :, None] == xp.asarray(k_segments)[:, None, :]
 
 
 def _valid_keys(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
+    xp = _xp(input_ids)
     if pad_token_id is None:
-        return jnp.ones(input_ids.shape, dtype=bool)
+        return xp.ones(input_ids.shape, dtype=bool)
     return input_ids != pad_token_id
 
 
@@ -186,9 +208,10 @@ def make_gist_mask(
     models AND a causal mask on top. Examples without a gist token are unmasked.
     Raises ``ValueError`` for non-contiguous gist tokens (concrete inputs).
     """
-    ids = jnp.asarray(input_ids)
+    xp = _xp(input_ids)
+    ids = xp.asarray(input_ids)
     first, last = gist_spans(input_ids, gist_token_id)
-    positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
+    positions = xp.broadcast_to(xp.arange(ids.shape[-1]), ids.shape)
     mask = span_mask(positions, positions, first, last, condition)
     mask = mask & key_padding_mask(_valid_keys(ids, pad_token_id))
     return mask[:, None]
@@ -205,9 +228,10 @@ def make_cross_attention_mask(
     Always ANDed with non-padding keys, and never all-zero for an example whose gist
     tokens are absent (it then sees every real encoder token).
     """
-    ids = jnp.asarray(input_ids)
+    xp = _xp(input_ids)
+    ids = xp.asarray(input_ids)
     first, last = gist_spans(input_ids, gist_token_id)
-    positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
+    positions = xp.broadcast_to(xp.arange(ids.shape[-1]), ids.shape)
     mask = span_cross_mask(positions, first, last, condition)
     mask = mask & key_padding_mask(_valid_keys(ids, pad_token_id))
     return mask[:, None]
@@ -226,7 +250,8 @@ def decoder_self_mask(
     AND key is real (position ``>= 0``; ``-1`` marks padding or an empty cache slot) AND,
     for packed rows, same segment. Serves training, prefill, decode steps and decoding
     from a gist cache alike, since positions are absolute in every case."""
-    k_real = jnp.asarray(k_positions) >= 0
+    xp = _xp(q_positions, k_positions, first, last)
+    k_real = xp.asarray(k_positions) >= 0
     mask = span_mask(q_positions, k_positions, first, last, condition)
     mask = mask & causal_mask(q_positions, k_positions) & key_padding_mask(k_real)
     if q_segments is not None:
@@ -245,7 +270,8 @@ def encoder_self_mask(
 ) -> jax.Array:
     """Bidirectional (T5 encoder) self-attention mask ``bool[B, 1, Q, K]``: gist rule AND
     key is real (position ``>= 0``) AND, for packed rows, same segment."""
-    k_real = jnp.asarray(k_positions) >= 0
+    xp = _xp(q_positions, k_positions, first, last)
+    k_real = xp.asarray(k_positions) >= 0
     mask = span_mask(q_positions, k_positions, first, last, condition) & key_padding_mask(k_real)
     if q_segments is not None:
         mask = mask & segment_mask(q_segments, k_segments)
@@ -257,8 +283,15 @@ def cross_mask(
     first: ArrayLike,
     last: ArrayLike,
     condition: Condition = "gist",
+    q_segments: ArrayLike | None = None,
+    k_segments: ArrayLike | None = None,
 ) -> jax.Array:
-    """T5 decoder cross-attention mask ``bool[B, 1, 1, K]`` over encoder positions
-    (``-1`` = padding): the cross rule AND key is real."""
-    k_real = jnp.asarray(k_positions) >= 0
-    return (span_cross_mask(k_positions, first, last, condition) & key_padding_mask(k_real))[:, None]
+    """T5 decoder cross-attention mask over encoder positions (``-1`` = padding): the cross
+    rule AND key is real AND, for packed rows, same segment. ``bool[B, 1, 1, K]`` for
+    per-example spans, ``bool[B, 1, Q, K]`` for per-query spans or segments."""
+    xp = _xp(k_positions, first, last)
+    k_real = xp.asarray(k_positions) >= 0
+    mask = span_cross_mask(k_positions, first, last, condition) & key_padding_mask(k_real)
+    if q_segments is not None:
+        mask = mask & segment_mask(q_segments, k_segments)
+    return mask[:, None]
