@@ -90,9 +90,7 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
 
 
-def take_tensor(
-    tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]
-) -> np.ndarray:
+def take_tensor(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
     """``tensors[name]``, checked against the expected shape; errors name both."""
     if name not in tensors:
         raise ConversionError(f"missing tensor {name!r} (expected shape {shape})")
@@ -223,7 +221,9 @@ def check_params_match(params: Any, expected: Any, where: str) -> None:
         if k in got and got[k] != s
     ]
     if problems:
-        raise ConversionError(f"{where}: params do not match the model config: " + "; ".join(problems[:10]))
+        raise ConversionError(
+            f"{where}: params do not match the model config: " + "; ".join(problems[:10])
+        )
 
 
 def _leaves(tree: Any) -> list[tuple[Any, Any]]:
