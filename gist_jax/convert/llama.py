@@ -1,0 +1,221 @@
+"""LLaMA family: Hugging Face ``LlamaForCausalLM`` state dict <-> gist_jax params.
+
+Because gist_jax keeps rotary embeddings in HF's rotate-half layout, the mapping is renames,
+transposes and head reshapes only (no q/k permutation). HF ``nn.Linear`` weights are
+``[out, in]``; our kernels are ``[in, ...out]``, with the head axes split out for
+attention. Layers are stacked along a leading axis when the config says ``scan_layers``.
+Shapes are checked tensor by tensor and errors name the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from gist_jax.convert.common import ConversionError, append_mean_row, take_tensor
+from gist_jax.models.llama import LlamaConfig, stack_layers
+
+# HF buffers that older checkpoints saved and that carry no learned weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> LlamaConfig:
+    """``LlamaConfig`` from an HF config.json dict; unsupported features are errors."""
+    try:
+        return LlamaConfig.from_hf_config(hf_config)
+    except (KeyError, ValueError) as err:
+        raise ConversionError(f"config.json: cannot build a LLaMA config: {err}") from err
+
+
+def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+    return config.to_hf_config()
+
+
+def _layer_from_hf(t: Mapping[str, np.ndarray], i: int, c: LlamaConfig) -> dict[str, Any]:
+    d, f, dh = c.hidden_size, c.intermediate_size, c.head_dim
+    h, kvh = c.num_attention_heads, c.num_key_value_heads
+    pre = f"model.layers.{i}."
+
+    def linear(name: str, out_dim: int, in_dim: int) -> np.ndarray:
+        return take_tensor(t, pre + name + ".weight", (out_dim, in_dim)).T
+
+    def bias(name: str, size: int) -> np.ndarray:
+        return take_tensor(t, pre + name + ".bias", (size,))
+
+    attn: dict[str, Any] = {
+        "q_proj": {"kernel": linear("self_attn.q_proj", h * dh, d).reshape(d, h, dh)},
+        "k_proj": {"kernel": linear("self_attn.k_proj", kvh * dh, d).reshape(d, kvh, dh)},
+        "v_proj": {"kernel": linear("self_attn.v_proj", kvh * dh, d).reshape(d, kvh, dh)},
+        "o_proj": {"kernel": linear("self_attn.o_proj", d, h * dh).reshape(h, dh, d)},
+    }
+    if c.attention_bias:
+        attn["q_proj"]["bias"] = bias("self_attn.q_proj", h * dh).reshape(h, dh)
+        attn["k_proj"]["bias"] = bias("self_attn.k_proj", kvh * dh).reshape(kvh, dh)
+        attn["v_proj"]["bias"] = bias("self_attn.v_proj", kvh * dh).reshape(kvh, dh)
+        attn["o_proj"]["bias"] = bias("self_attn.o_proj", d)
+    mlp: dict[str, Any] = {
+        "gate_proj": {"kernel": linear("mlp.gate_proj", f, d)},
+        "up_proj": {"kernel": linear("mlp.up_proj", f, d)},
+        "down_proj": {"kernel": linear("mlp.down_proj", d, f)},
+    }
+    if c.mlp_bias:
+        mlp["gate_proj"]["bias"] = bias("mlp.gate_proj", f)
+        mlp["up_proj"]["bias"] = bias("mlp.up_proj", f)
+        mlp["down_proj"]["bias"] = bias("mlp.down_proj", d)
+    return {
+        "input_layernorm": {"scale": take_tensor(t, pre + "input_layernorm.weight", (d,))},
+        "post_attention_layernorm": {
+            "scale": take_tensor(t, pre + "post_attention_layernorm.weight", (d,))
+        },
+        "self_attn": attn,
+        "mlp": mlp,
+    }
+
+
+def expected_hf_names(config: LlamaConfig) -> set[str]:
+    """Every tensor name an HF checkpoint of this config holds (``lm_head`` only if untied)."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not config.tie_word_embeddings:
+        names.add("lm_head.weight")
+    for i in range(config.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        names |= {pre + "input_layernorm.weight", pre + "post_attention_layernorm.weight"}
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names.add(f"{pre}self_attn.{proj}.weight")
+            if config.attention_bias:
+                names.add(f"{pre}self_attn.{proj}.bias")
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names.add(f"{pre}mlp.{proj}.weight")
+            if config.mlp_bias:
+                names.add(f"{pre}mlp.{proj}.bias")
+    return names
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> dict[str, Any]:
+    """Params (float32, layout per ``config.scan_layers``) from an HF state dict.
+
+    Raises ``ConversionError`` for a missing or mis-shaped tensor, or for tensors the config
+    does not account for (e.g. biases in a checkpoint whose config says there are none).
+    """
+    c = config
+    t = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    expected = expected_hf_names(c)
+    # A tied checkpoint may still carry a copy of lm_head; HF ignores it, and so do we.
+    extra = sorted(
+        k
+        for k in t
+        if k not in expected
+        and not k.endswith(_IGNORED_SUFFIXES)
+        and not (c.tie_word_embeddings and k == "lm_head.weight")
+    )
+    if extra:
+        raise ConversionError(
+            f"{len(extra)} tensor(s) not described by config.json: {extra[:8]}"
+            + (" ..." if len(extra) > 8 else "")
+        )
+    params: dict[str, Any] = {
+        "embed_tokens": {
+            "embedding": take_tensor(t, "model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        },
+        "norm": {"scale": take_tensor(t, "model.norm.weight", (c.hidden_size,))},
+    }
+    if not c.tie_word_embeddings:
+        params["lm_head"] = {
+            "kernel": take_tensor(t, "lm_head.weight", (c.vocab_size, c.hidden_size)).T
+        }
+    for i in range(c.num_hidden_layers):
+        params[f"layers_{i}"] = _layer_from_hf(t, i, c)
+    params = _contiguous(params)
+    if c.scan_layers:
+        params = stack_layers(params, c.num_hidden_layers)
+    return params
+
+
+def _contiguous(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _contiguous(v) for k, v in tree.items()}
+    return np.ascontiguousarray(tree, dtype=np.float32)
+
+
+def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
+    """HF state dict (float32 numpy) from params in either layout."""
+    c = config
+    d, dh = c.hidden_size, c.head_dim
+    h, kvh = c.num_attention_heads, c.num_key_value_heads
+    out: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"]),
+        "model.norm.weight": np.asarray(params["norm"]["scale"]),
+    }
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
+    for i in range(c.num_hidden_layers):
+        layer = _index_tree(params["layers"], i) if c.scan_layers else params[f"layers_{i}"]
+        pre = f"model.layers.{i}."
+        attn, mlp = layer["self_attn"], layer["mlp"]
+        out[pre + "input_layernorm.weight"] = np.asarray(layer["input_layernorm"]["scale"])
+        out[pre + "post_attention_layernorm.weight"] = np.asarray(
+            layer["post_attention_layernorm"]["scale"]
+        )
+        out[pre + "self_attn.q_proj.weight"] = np.asarray(attn["q_proj"]["kernel"]).reshape(d, -1).T
+        out[pre + "self_attn.k_proj.weight"] = np.asarray(attn["k_proj"]["kernel"]).reshape(d, -1).T
+        out[pre + "self_attn.v_proj.weight"] = np.asarray(attn["v_proj"]["kernel"]).reshape(d, -1).T
+        out[pre + "self_attn.o_proj.weight"] = (
+            np.asarray(attn["o_proj"]["kernel"]).reshape(h * dh, d).T
+        )
+        if c.attention_bias:
+            out[pre + "self_attn.q_proj.bias"] = np.asarray(attn["q_proj"]["bias"]).reshape(h * dh)
+            out[pre + "self_attn.k_proj.bias"] = np.asarray(attn["k_proj"]["bias"]).reshape(
+                kvh * dh
+            )
+            out[pre + "self_attn.v_proj.bias"] = np.asarray(attn["v_proj"]["bias"]).reshape(
+                kvh * dh
+            )
+            out[pre + "self_attn.o_proj.bias"] = np.asarray(attn["o_proj"]["bias"])
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{pre}mlp.{proj}.weight"] = np.asarray(mlp[proj]["kernel"]).T
+            if c.mlp_bias:
+                out[f"{pre}mlp.{proj}.bias"] = np.asarray(mlp[proj]["bias"])
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def _index_tree(tree: Any, i: int) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _index_tree(v, i) for k, v in tree.items()}
+    return np.asarray(tree)[i]
+
+
+def add_gist_rows(
+    params: Mapping[str, Any], config: LlamaConfig, token_id: int | None = None
+) -> tuple[dict[str, Any], LlamaConfig]:
+    """Give the ``<GIST>`` token a mean-initialised embedding row (and output row if untied).
+
+    By default the row is appended (vocab + 1, the token's id is the old vocab size). A
+    ``token_id`` below ``vocab_size`` means the tokenizer was smaller than the embedding
+    (padded vocabularies): that existing, unused row is overwritten with the mean of the
+    others and the vocab size stays.
+    """
+    v = config.vocab_size
+    if token_id is None:
+        token_id = v
+    if not 0 <= token_id <= v:
+        raise ConversionError(f"gist token id {token_id} is beyond the embedding ({v} rows)")
+    params = dict(params)
+
+    def with_mean_row(matrix: np.ndarray) -> np.ndarray:
+        matrix = np.asarray(matrix, np.float32)
+        if token_id == v:
+            return append_mean_row(matrix)
+        others = np.delete(matrix, token_id, axis=0)
+        out = matrix.copy()
+        out[token_id] = append_mean_row(others)[-1]
+        return out
+
+    params["embed_tokens"] = {"embedding": with_mean_row(params["embed_tokens"]["embedding"])}
+    if not config.tie_word_embeddings:
+        kernel = np.asarray(params["lm_head"]["kernel"])
+        params["lm_head"] = {"kernel": np.ascontiguousarray(with_mean_row(kernel.T).T)}
+    new_vocab = v + 1 if token_id == v else v
+    return params, dataclasses.replace(config, vocab_size=new_vocab, gist_token_id=token_id)

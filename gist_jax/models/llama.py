@@ -1,0 +1,606 @@
+"""Flax Linen LLaMA family (LLaMA 1/2/3, SmolLM2, and other HF ``LlamaForCausalLM`` models).
+
+This module owns the decoder-only model: RMSNorm, rotary embeddings in Hugging Face's
+rotate-half layout (default, "linear" and "llama3" frequency scaling), grouped-query
+attention with an explicit head dimension, the SwiGLU MLP, a tied or untied output layer,
+an optional ``nn.scan`` over layers and optional rematerialisation, plus ``LlamaConfig``.
+
+Call contract::
+
+    logits, new_cache = LlamaForCausalLM(config).apply(
+        {"params": params}, input_ids, positions, mask, cache=None)
+
+``positions`` are absolute positions (``-1`` = padding) used for RoPE; ``mask`` is the
+boolean ``[B, 1, Q, K]`` mask from ``gist_jax.gist`` (the model never builds masks from
+token ids); with a ``KVCache`` the call writes its ``Q`` new keys (already rotated) and
+values at ``cache.end`` and attends over the whole cache. Params are float32; ``dtype``
+is the compute dtype; logits are always float32.
+
+Parameter tree (names mirror the HF state dict, so conversion is renames and
+transposes)::
+
+    embed_tokens/embedding [V, D]
+    layers_{i}/...  or, with scan_layers, layers/... with a leading [L] axis
+        input_layernorm/scale [D], post_attention_layernorm/scale [D]
+        self_attn/{q,k,v}_proj/kernel [D, H|KVH, Dh], self_attn/o_proj/kernel [H, Dh, D]
+        mlp/{gate,up}_proj/kernel [D, F], mlp/down_proj/kernel [F, D]
+    norm/scale [D]
+    lm_head/kernel [D, V]            (only when the output layer is untied)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gist_jax.models.attention import KVCache, dot_product_attention, write_layer_cache
+
+ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16")
+
+# Fields that describe how the model runs here, not the network itself: they are stored in
+# model_config.json (the params layout follows scan_layers) but never written to HF.
+RUNTIME_FIELDS = ("dtype", "scan_layers", "remat")
+
+
+def _as_token_ids(value: Any) -> int | tuple[int, ...] | None:
+    if value is None or isinstance(value, int):
+        return value
+    return tuple(int(v) for v in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a LLaMA-family model (hashable: Flax modules hold it).
+
+    The rope scaling parameters are flat fields rather than a dict so the config stays
+    hashable; ``from_hf_config`` / ``to_hf_config`` translate to and from HF's
+    ``rope_parameters`` (transformers >= 5) or ``rope_scaling`` + ``rope_theta`` (older).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | tuple[int, ...] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | tuple[int, ...] | None = None
+    gist_token_id: int | None = None
+    model_type: str = "llama"
+    # Runtime-only fields (see RUNTIME_FIELDS).
+    dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.model_type != "llama":
+            raise ValueError(f"LlamaConfig got model_type {self.model_type!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"rope type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            object.__setattr__(self, name, _as_token_ids(getattr(self, name)))
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    # ---- gist_jax's own JSON form (model_config.json) ----
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(d[name], tuple):
+                d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig field(s) {unknown}")
+        return cls(**dict(d))
+
+    # ---- Hugging Face config.json ----
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> LlamaConfig:
+        """Build from an HF ``config.json`` dict (transformers 4.x or 5.x spelling).
+
+        Raises ``ValueError`` naming the field for features this model does not implement.
+        """
+        model_type = hf.get("model_type")
+        if model_type != "llama":
+            raise ValueError(f"config.json has model_type {model_type!r}, expected 'llama'")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (LLaMA uses 'silu')")
+        heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        head_dim = hf.get("head_dim") or hidden // heads
+        rope = _read_hf_rope(hf)
+        return cls(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            **rope,
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """An HF ``config.json`` dict that transformers 5 reads back into the same model."""
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type in ("linear", "llama3"):
+            rope["factor"] = self.rope_factor
+        if self.rope_type == "llama3":
+            rope["low_freq_factor"] = self.rope_low_freq_factor
+            rope["high_freq_factor"] = self.rope_high_freq_factor
+            rope["original_max_position_embeddings"] = self.rope_original_max_position_embeddings
+        d = self.to_dict()
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": rope,
+            # Older readers (transformers 4.x) look for these two; 5.x folds them in.
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_type == "default" else dict(rope),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "attention_dropout": 0.0,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": d["bos_token_id"],
+            "eos_token_id": d["eos_token_id"],
+            "pad_token_id": d["pad_token_id"],
+            "use_cache": True,
+            "dtype": "float32",
+        }
+
+
+def _read_hf_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Rope fields from ``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x)."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError("per-layer-type rope_parameters are not supported for LLaMA")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
+    if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported for LLaMA")
+    out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": float(theta)}
+    if rope_type in ("linear", "llama3"):
+        out["rope_factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        out["rope_low_freq_factor"] = float(params["low_freq_factor"])
+        out["rope_high_freq_factor"] = float(params["high_freq_factor"])
+        out["rope_original_max_position_embeddings"] = int(
+            params.get("original_max_position_embeddings")
+            or hf.get("max_position_embeddings", 2048)
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies ``float32[head_dim // 2]`` after rope scaling (host constant).
+
+    Computed in float32 the way transformers does, so positions map to the same angles.
+    """
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)).astype(
+        np.float32
+    )
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(config.rope_factor)
+    elif config.rope_type == "llama3":
+        factor = config.rope_factor
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_len = config.rope_original_max_position_embeddings or config.max_position_embeddings
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths (low frequencies) are slowed by `factor`, short ones kept, and
+        # the band in between interpolated smoothly.
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq.astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, config: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of shape ``float32[B, Q, head_dim]`` (rotate-half layout: the half-size
+    frequency table repeated twice). Padding positions (-1) use position 0."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    pos = jnp.maximum(positions, 0).astype(jnp.float32)
+    freqs = pos[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, Q, heads, D]`` (HF rotate-half layout), in float32, back to x's dtype."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+
+
+def _init(config: LlamaConfig, axes: tuple[str, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes)
+
+
+def _zeros(axes: tuple[str, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, statistics in float32 (as HF does), learned ``scale``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            (x.shape[-1],),
+            jnp.float32,
+        )
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(
+            jnp.mean(xf * xf, axis=-1, keepdims=True) + self.config.rms_norm_eps
+        )
+        dtype = self.config.compute_dtype
+        return xf.astype(dtype) * scale.astype(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE and an optional per-layer cache slice."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        mask: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None,
+        end: jax.Array | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        cfg = self.config
+        dtype = cfg.compute_dtype
+
+        def proj(heads: int, head_axis: str, name: str) -> nn.DenseGeneral:
+            return nn.DenseGeneral(
+                features=(heads, cfg.head_dim),
+                use_bias=cfg.attention_bias,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                kernel_init=_init(cfg, ("embed", head_axis, "head_dim")),
+                bias_init=_zeros((head_axis, "head_dim")),
+                name=name,
+            )
+
+        q = proj(cfg.num_attention_heads, "heads", "q_proj")(x)
+        k = proj(cfg.num_key_value_heads, "kv_heads", "k_proj")(x)
+        v = proj(cfg.num_key_value_heads, "kv_heads", "v_proj")(x)
+        cos, sin = rope
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
+        new_kv = None
+        if kv is not None:
+            cache_k, cache_v = write_layer_cache(kv[0], kv[1], end, k, v)
+            new_kv = (cache_k, cache_v)
+            k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+        out = dot_product_attention(q, k, v, mask)
+        out = nn.DenseGeneral(
+            features=cfg.hidden_size,
+            axis=(-2, -1),
+            use_bias=cfg.attention_bias,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="o_proj",
+        )(out)
+        return out, new_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+
+        def dense(features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+            return nn.Dense(
+                features,
+                use_bias=cfg.mlp_bias,
+                dtype=cfg.compute_dtype,
+                param_dtype=jnp.float32,
+                kernel_init=_init(cfg, axes),
+                bias_init=_zeros(axes[1:]),
+                name=name,
+            )
+
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block. Signature fits ``nn.scan``: the hidden state is the carry,
+    the per-layer cache slice is the scanned input/output."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        mask: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None,
+        end: jax.Array | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        cfg = self.config
+        x = RMSNorm(cfg, name="input_layernorm")(hidden)
+        attn, new_kv = Attention(cfg, name="self_attn")(x, rope, mask, kv, end)
+        hidden = hidden + attn
+        x = RMSNorm(cfg, name="post_attention_layernorm")(hidden)
+        hidden = hidden + MLP(cfg, name="mlp")(x)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
+        return hidden, new_kv
+
+
+class Unembed(nn.Module):
+    """Untied output layer ``[D, V]``; logits in float32 whatever the compute dtype."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        cfg = self.config
+        kernel = self.param(
+            "kernel", _init(cfg, ("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), jnp.float32
+        )
+        return jnp.einsum(
+            "bqd,dv->bqv",
+            hidden,
+            kernel.astype(cfg.compute_dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+def _remat_policy(name: str) -> Any:
+    # "dots" keeps the outputs of weight matmuls (projections, MLP) and recomputes the rest,
+    # including the O(L^2) attention scores, which dominate activation memory.
+    return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+def _layer_class(config: LlamaConfig) -> type[nn.Module]:
+    if config.remat == "none":
+        return DecoderLayer
+    # Under scan, CSE across iterations cannot happen, so prevent_cse (which blocks some
+    # XLA optimisations) is only needed for the unrolled stack.
+    return nn.remat(
+        DecoderLayer, policy=_remat_policy(config.remat), prevent_cse=not config.scan_layers
+    )
+
+
+class LlamaForCausalLM(nn.Module):
+    """The full causal LM; see the module docstring for the call contract."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=_init(cfg, ("vocab", "embed")),
+            name="embed_tokens",
+        )
+        hidden = embed(input_ids.astype(jnp.int32))
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
+        rope = rope_tables(positions, cfg)
+        end = None if cache is None else cache.end
+        layer_cls = _layer_class(cfg)
+
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            kv = None if cache is None else (cache.k, cache.v)
+            hidden, new_kv = scanned(cfg, name="layers")(hidden, rope, mask, kv, end)
+        else:
+            new_k = None if cache is None else cache.k
+            new_v = None if cache is None else cache.v
+            for i in range(cfg.num_hidden_layers):
+                kv = None if cache is None else (new_k[i], new_v[i])
+                hidden, layer_kv = layer_cls(cfg, name=f"layers_{i}")(hidden, rope, mask, kv, end)
+                if cache is not None:
+                    new_k = new_k.at[i].set(layer_kv[0])
+                    new_v = new_v.at[i].set(layer_kv[1])
+            new_kv = None if cache is None else (new_k, new_v)
+
+        hidden = RMSNorm(cfg, name="norm")(hidden)
+        if cfg.tie_word_embeddings:
+            # [V, D] embedding used as the output projection.
+            logits = jnp.einsum(
+                "bqd,vd->bqv",
+                hidden,
+                embed.embedding.astype(dtype),
+                preferred_element_type=jnp.float32,
+            )
+        else:
+            logits = Unembed(cfg, name="lm_head")(hidden)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(
+                k=new_kv[0],
+                v=new_kv[1],
+                pos=cache.positions_after_append(positions),
+                end=cache.end + input_ids.shape[1],
+            )
+        return logits, new_cache
+
+
+# ---------------------------------------------------------------------------------------
+# Registry interface
+
+CONFIG_CLASS = LlamaConfig
+
+
+def build_model(config: LlamaConfig) -> LlamaForCausalLM:
+    return LlamaForCausalLM(config)
+
+
+def _dummy_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
+    return (
+        jnp.zeros((1, 1), jnp.int32),
+        jnp.zeros((1, 1), jnp.int32),
+        jnp.ones((1, 1, 1, 1), bool),
+    )
+
+
+def _boxed_init(config: LlamaConfig, rng: jax.Array) -> Any:
+    return build_model(config).init(rng, *_dummy_inputs())["params"]
+
+
+def init_params(config: LlamaConfig, rng: jax.Array) -> dict[str, Any]:
+    """Randomly initialised float32 params (plain nested dict, partitioning metadata removed)."""
+    return nn.unbox(_boxed_init(config, rng))
+
+
+def abstract_params(config: LlamaConfig) -> dict[str, Any]:
+    """``ShapeDtypeStruct`` tree of the params (no computation, no memory)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def param_logical_axes(config: LlamaConfig) -> dict[str, Any]:
+    """Tuple of logical axis names for every param, same tree as ``init_params`` (with
+    ``"layers"`` first on stacked params). The tuples are pytree nodes to ``jax.tree``:
+    map over the params tree first, e.g. ``jax.tree.map(f, params, axes)``, or pass
+    ``is_leaf=lambda x: isinstance(x, tuple)``."""
+    boxed = jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0)))
+    specs = nn.get_partition_spec(boxed)
+    return jax.tree.map(
+        lambda spec: tuple(spec), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
+
+
+def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Unrolled params (``layers_0`` ... ``layers_{L-1}``) -> scanned layout (``layers``)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+    out["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
+    return out
+
+
+def unstack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Scanned params (``layers`` with a leading [L] axis) -> unrolled layout."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def relayout_params(params: Mapping[str, Any], config: LlamaConfig, scan_layers: bool) -> Any:
+    """Params laid out for ``scan_layers`` whatever layout ``config`` says they are in."""
+    if scan_layers == config.scan_layers:
+        return params
+    if scan_layers:
+        return stack_layers(params, config.num_hidden_layers)
+    return unstack_layers(params, config.num_hidden_layers)
