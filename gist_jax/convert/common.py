@@ -22,6 +22,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -145,9 +146,24 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_directory(tmp, out)
+
+
+def replace_directory(new: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished directory ``new`` to ``out``, replacing an existing ``out``.
+
+    A crash at any moment leaves ``out`` absent, the old complete directory or the new
+    complete one, never a half-deleted one: the old directory is renamed aside (a hidden
+    sibling) before the new one takes its name, and only then deleted.
+    """
+    new, out = pathlib.Path(new), pathlib.Path(out)
+    old = None
     if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.rename(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_params(path: str | os.PathLike, params: Any) -> None:
@@ -160,14 +176,40 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
 
 def load_params(path: str | os.PathLike, target: Any = None) -> Any:
     """Read a params pytree written by ``save_params``; ``target`` (abstract arrays with
-    shardings) restores directly onto a mesh."""
+    shardings) restores directly onto a mesh. Without it, a checkpoint saved from other
+    devices than this process has is placed on the first local device."""
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).absolute()
     if not path.is_dir():
         raise ConversionError(f"{path}: no params checkpoint")
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path, target)
+        if target is not None:
+            return checkpointer.restore(path, target)
+        try:
+            return checkpointer.restore(path)
+        except ValueError:
+            # Saved from other devices (e.g. a training run's export on a 4-device mesh):
+            # orbax will not guess a placement, so put every array on our first device.
+            return checkpointer.restore(path, _local_target(checkpointer.metadata(path)))
+
+
+def _local_target(metadata: Any) -> Any:
+    """Restore target for ``metadata``: arrays saved from devices go to this process's first
+    device, arrays saved from numpy stay numpy."""
+    import jax
+
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    device = jax.local_devices()[0]
+
+    def leaf(m: Any) -> Any:
+        if getattr(m, "sharding", None) is None:
+            return np.empty(m.shape, m.dtype)
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, tree)
 
 
 def save_converted(

@@ -1,0 +1,240 @@
+"""Training checkpoints: an orbax ``CheckpointManager`` in ``WORKDIR/checkpoints`` that
+saves the whole train state (step, params, optimizer state, RNG) plus the data iterator's
+position, asynchronously, keeping the last K; restores onto whatever mesh the current run
+uses; and guards a workdir against being resumed with a different model.
+
+Layout::
+
+    WORKDIR/
+      model_config.json          the model config of the run (checked on resume)
+      checkpoints/<step>/state/  orbax PyTree of the TrainState (sharded arrays)
+      checkpoints/<step>/data/   JSON: the data iterator state (written by process 0)
+
+Every process must call ``save`` / ``restore`` (orbax coordinates the writes: each process
+writes its own shards, process 0 the metadata and the JSON). The data iterator state is a
+property of the global example stream (identical on every process), so one copy suffices.
+
+Restoring passes abstract arrays carrying the *current* shardings, so a checkpoint written
+on 4 devices restores on 2 or 8 (orbax/tensorstore re-slices the stored arrays).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_CONFIG_FILE = "model_config.json"
+# Fields of a model config that may change between runs on the same workdir: they change
+# how the model is run, not its parameters. (scan_layers is not one: it changes the layout.)
+RESUMABLE_RUNTIME_FIELDS = ("dtype", "remat")
+
+
+class CheckpointError(ValueError):
+    """A workdir or checkpoint that cannot be used for this run; the message says why."""
+
+
+def check_workdir_writable(workdir: str | os.PathLike) -> pathlib.Path:
+    """Create ``workdir`` if needed and check that it can be written; clear error if not."""
+    path = pathlib.Path(workdir).absolute()
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"workdir {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"workdir {path} cannot be created: {err}") from err
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"workdir {path} is not writable: {err}") from err
+    return path
+
+
+def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RESUMABLE_RUNTIME_FIELDS}
+
+
+def check_model_config(
+    workdir: str | os.PathLike, model_config: Mapping[str, Any], write: bool = True
+) -> None:
+    """Compare ``model_config`` with ``WORKDIR/model_config.json`` if the workdir has one
+    (raising ``CheckpointError`` that lists the differing fields), else write it
+    (``write``: process 0 only)."""
+    path = pathlib.Path(workdir) / MODEL_CONFIG_FILE
+    current = json.loads(json.dumps(dict(model_config)))  # normalise tuples -> lists
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        a, b = _comparable(saved), _comparable(current)
+        diffs = [
+            f"{k}: workdir has {a.get(k, '<absent>')!r}, this run has {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"{path} describes a different model than this run's config, so its checkpoints "
+                "cannot be resumed (use another --workdir): " + "; ".join(diffs)
+            )
+        return
+    if write:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def _shape_problems(saved_tree: Any, abstract_tree: Any, prefix: str) -> list[str]:
+    saved = {
+        jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()))
+        for p, x in jax.tree_util.tree_flatten_with_path(saved_tree)[0]
+    }
+    want = {
+        jax.tree_util.keystr(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+    }
+    problems = [f"{prefix}{k} missing from checkpoint" for k in want if k not in saved]
+    problems += [f"{prefix}{k} in checkpoint but not in this model" for k in saved if k not in want]
+    problems += [
+        f"{prefix}{k}: checkpoint {saved[k]}, this run {want[k]}"
+        for k in want
+        if k in saved and saved[k] != want[k]
+    ]
+    return problems
+
+
+def export_model(
+    out_dir: str | os.PathLike,
+    params: Any,
+    model_config: Mapping[str, Any],
+    tokenizer: Any | None,
+) -> pathlib.Path:
+    """Write the trained model as a converted checkpoint directory (``model_config.json``,
+    ``params/``, ``tokenizer/``; see ``gist_jax.convert.common``), replacing ``out_dir``.
+
+    Called by every process: orbax writes each process's shards of the params; process 0
+    writes the config and tokenizer and renames the finished directory into place.
+    """
+    from jax.experimental import multihost_utils
+
+    from gist_jax.convert import common
+
+    out = pathlib.Path(out_dir).absolute()
+    tmp = out.with_name(f".{out.name}.tmp")
+    primary = jax.process_index() == 0
+    multi = jax.process_count() > 1
+    if primary and tmp.exists():
+        shutil.rmtree(tmp)
+    if multi:
+        multihost_utils.sync_global_devices("gist_jax:export:start")
+    common.save_params(tmp / common.PARAMS_DIR, params)
+    if primary:
+        (tmp / common.MODEL_CONFIG_FILE).write_text(json.dumps(dict(model_config), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / common.TOKENIZER_DIR))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    if multi:
+        multihost_utils.sync_global_devices("gist_jax:export:done")
+    return out
+
+
+class Checkpointer:
+    """Save/restore ``TrainState`` + data iterator state under ``WORKDIR/checkpoints``."""
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        keep: int | None = 3,
+        async_save: bool = True,
+    ) -> None:
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep if keep and keep > 0 else None,
+            enable_async_checkpointing=async_save,
+            # We decide when to save (every N steps, at the end, on SIGTERM).
+            save_interval_steps=1,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: Mapping[str, Any] | None) -> bool:
+        """Start saving (returns once the arrays are copied; the write continues in the
+        background). A step that is already saved is skipped."""
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(dict(data_state or {})),
+        )
+        return self._manager.save(step, args=args, force=True)
+
+    def check_compatible(self, step: int, abstract_state: Any) -> None:
+        """Raise ``CheckpointError`` listing the param arrays whose shapes differ."""
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+        except Exception as err:  # orbax raises several types for unreadable metadata
+            raise CheckpointError(
+                f"{self.directory}/{step}: unreadable checkpoint ({err})"
+            ) from err
+        saved_tree = getattr(saved, "tree", saved)
+        if not isinstance(saved_tree, Mapping) or "params" not in saved_tree:
+            raise CheckpointError(f"{self.directory}/{step}: not a gist_jax train state checkpoint")
+        problems = _shape_problems(saved_tree["params"], abstract_state.params, "params")
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} was written for a different model: "
+                + "; ".join(problems[:8])
+                + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
+            )
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """The state at ``step`` (default: latest) placed on ``abstract_state``'s shardings,
+        and the data iterator state saved with it."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        self.check_compatible(step, abstract_state)
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"cannot restore {self.directory}/{step} into this run's train state (same "
+                f"model, but a different optimizer state layout?): {err}"
+            ) from err
+        return restored.state, dict(restored.data or {})
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves have been committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

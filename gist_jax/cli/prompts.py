@@ -1,0 +1,82 @@
+"""Instructions and inputs as token ids for gist caching, with the training templates.
+
+An instruction's *prompt* is its templated example cut after the gist tokens (LLaMA: BOS
+"Instruction: ..." "\\n" <GIST>*k; T5: the same without BOS); an input's tokens are what
+the template puts after the gists ("\\nInput: ...\\nOutput:" for LLaMA, "\\nInput: ..." +
+EOS for T5). The tokeniser encodes every template piece on its own (``gist_jax.data``), so
+the tokens after the gists do not depend on the instruction: an input can be tokenised
+for a stored prompt whose instruction text is not at hand.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from gist_jax import compress
+
+# Stands in for the instruction when only the input's tokens are wanted.
+_PLACEHOLDER = "x"
+
+
+def load_model(checkpoint: str | os.PathLike) -> tuple[Any, Any, Any]:
+    """``(config, params, tokenizer)`` of a converted checkpoint directory, or of the
+    bundled default model when ``checkpoint == "default"``."""
+    from gist_jax.models import registry
+
+    if str(checkpoint) == "default":
+        from gist_jax.convert.default_model import ensure_default_model
+
+        _, checkpoint = ensure_default_model()
+    config, params, tokenizer = registry.load_checkpoint(pathlib.Path(checkpoint))
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint}: the checkpoint has no tokenizer/ directory")
+    return config, params, tokenizer
+
+
+def _encode(
+    config: Any, tokenizer: Any, examples: list[dict[str, str]], num_gist: int, max_length: int
+) -> list[list[int]]:
+    from gist_jax import data
+
+    if config.model_type == "t5":
+        encoded, report = data.encode_encdec_examples(
+            examples, tokenizer, num_gist, max_length, max_target_length=1
+        )
+        rows = [e.source.tolist() for e in encoded]
+    else:
+        encoded, report = data.encode_decoder_examples(
+            examples, tokenizer, num_gist, max_length, with_completion=False
+        )
+        rows = [e.prompt.tolist() for e in encoded]
+    if report.dropped_indices:
+        raise ValueError(
+            f"example(s) {report.dropped_indices[:10]} do not fit in {max_length} tokens even "
+            "after truncating their text"
+        )
+    return rows
+
+
+def instruction_prompts(
+    config: Any, tokenizer: Any, instructions: Sequence[str], num_gist: int, max_length: int
+) -> list[list[int]]:
+    """Token ids of each instruction's prompt, ending with its ``num_gist`` gist tokens."""
+    if num_gist < 1:
+        raise ValueError(f"num_gist_tokens must be >= 1 to compress, got {num_gist}")
+    for i, text in enumerate(instructions):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"instruction {i} is empty or not a string: {text!r}")
+    examples = [{"instruction": t, "input": "", "output": ""} for t in instructions]
+    rows = _encode(config, tokenizer, examples, num_gist, max_length)
+    return [compress.split_prompt(row, config.gist_token_id)[0] for row in rows]
+
+
+def input_tokens(
+    config: Any, tokenizer: Any, inputs: Sequence[str], num_gist: int, max_length: int
+) -> list[list[int]]:
+    """Token ids that follow the gist tokens for each input text."""
+    examples = [{"instruction": _PLACEHOLDER, "input": x, "output": ""} for x in inputs]
+    rows = _encode(config, tokenizer, examples, num_gist, max_length)
+    return [compress.split_prompt(row, config.gist_token_id)[1] for row in rows]

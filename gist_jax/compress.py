@@ -1,0 +1,500 @@
+"""Gist compression and decoding from a gist cache, batched, for both model families.
+
+This module owns ``GistCache`` (the k gist tokens' keys/values of a set of prompts, with
+their absolute positions), ``compress`` (prompts -> ``GistCache``) and ``generate``
+(``GistCache`` + inputs -> tokens), plus the byte counts of a cached prompt.
+
+A *prompt* is the templated text up to and including the k contiguous gist tokens (for
+LLaMA: BOS "Instruction: ..." "\\n" ``<GIST>``*k; for T5 the same without BOS); an *input*
+is everything after the last gist token (LLaMA: "\\nInput: ...\\nOutput:"; T5: "\\nInput:
+..." + EOS). ``split_prompt`` cuts a tokenised example there. Compression runs the prompt
+once and keeps, per layer, the keys (already rotated, for LLaMA) and values at the gist
+positions (T5: the encoder's per-layer gist keys/values and the final encoder states there);
+decoding feeds the input tokens at positions ``last + 1, ...`` with the gist cache as the
+only context. Under the gist mask nothing after the gists sees the prompt, so this is the
+full masked forward pass: logits agree with the uncompressed ``gist``-condition decode to
+float rounding (tested at 1e-5 per example, in batches with different prompt lengths,
+gist positions and paddings), and greedy outputs are identical.
+
+Batching: every example keeps its own gist positions; the gist slots are the first k slots
+of the decode cache (``decode.CachePrefix`` / ``decode.EncoderPrefix``), and the input
+tokens are right padded after them, so one compiled program serves a batch whose
+prompts had different lengths. All prompts of one ``GistCache`` have the same k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gist_jax import decode, gist, sharding
+from gist_jax.decode import Generation, SamplingConfig
+from gist_jax.models import registry
+from gist_jax.models.attention import KVCache
+
+
+class GistCacheError(ValueError):
+    """Prompts, inputs or caches that cannot be compressed or decoded; the message says
+    which example and why."""
+
+
+@flax.struct.dataclass
+class GistCache:
+    """Compressed prompts: the k gist tokens of each of B prompts.
+
+    Attributes:
+      k, v: per-layer keys/values of the gist tokens, ``[layers, B, k, KVH, D]`` (LLaMA:
+        decoder self-attention, keys rotated at their absolute positions; T5: encoder
+        self-attention, ``KVH`` = heads).
+      positions: ``int32[B, k]`` absolute positions of the gist tokens in the uncompressed
+        sequence (contiguous: ``first .. first + k - 1``).
+      hidden: T5 only, ``[B, k, d_model]`` final encoder states at the gist positions
+        (what the decoder cross-attends to); None for LLaMA.
+      model_type: "llama" or "t5" (static).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    hidden: jax.Array | None = None
+    model_type: str = flax.struct.field(pytree_node=False, default="llama")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def num_gist(self) -> int:
+        return int(self.positions.shape[1])
+
+    @property
+    def first(self) -> jax.Array:
+        return self.positions[:, 0]
+
+    @property
+    def last(self) -> jax.Array:
+        return self.positions[:, -1]
+
+    def nbytes_per_prompt(self) -> int:
+        """Bytes one prompt's cache holds (keys, values, T5 hidden states; positions not
+        counted): ``k * layers * 2 * kv_heads * head_dim * itemsize`` (+ T5 hidden)."""
+        per_row = (self.k.nbytes + self.v.nbytes) // self.batch_size
+        if self.hidden is not None:
+            per_row += self.hidden.nbytes // self.batch_size
+        return int(per_row)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> GistCache:
+        """The cache of the given rows (repeats allowed: one prompt for many inputs)."""
+        rows = np.asarray(rows, np.int32)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size):
+            raise GistCacheError(
+                f"rows {rows.tolist()[:10]} out of range for a cache of {self.batch_size}"
+            )
+        return GistCache(
+            k=self.k[:, rows],
+            v=self.v[:, rows],
+            positions=self.positions[rows],
+            hidden=None if self.hidden is None else self.hidden[rows],
+            model_type=self.model_type,
+        )
+
+    def to_numpy(self) -> GistCache:
+        """The same cache as host numpy arrays (gathered across processes if needed)."""
+        return jax.tree.map(decode.to_host, self)
+
+    @staticmethod
+    def concatenate(caches: Sequence[GistCache]) -> GistCache:
+        """Stack caches along the batch axis (same model type and k)."""
+        if not caches:
+            raise GistCacheError("no caches to concatenate")
+        kinds = {(c.model_type, c.num_gist, c.k.shape[2:], c.k.dtype) for c in caches}
+        if len(kinds) != 1:
+            raise GistCacheError(
+                f"caches differ in (model type, k, per-token shape, dtype): {sorted(map(str, kinds))}"
+            )
+        on_host = all(isinstance(c.k, np.ndarray) for c in caches)
+        cat = np.concatenate if on_host else jnp.concatenate
+        return GistCache(
+            k=cat([c.k for c in caches], axis=1),
+            v=cat([c.v for c in caches], axis=1),
+            positions=cat([c.positions for c in caches], axis=0),
+            hidden=None if caches[0].hidden is None else cat([c.hidden for c in caches], axis=0),
+            model_type=caches[0].model_type,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Bytes
+
+
+def cache_bytes(config: Any, num_tokens: int | float) -> float:
+    """Bytes of cached state for ``num_tokens`` tokens of one prompt:
+    ``tokens * layers * 2 * kv_heads * head_dim * itemsize`` (LLaMA), plus the final
+    hidden state per token for T5's encoder-side cache. With ``k`` it is a gist cache; with
+    the prompt length, an ordinary prompt (prefix) cache."""
+    itemsize = jnp.dtype(config.compute_dtype).itemsize
+    if config.model_type == "t5":
+        per_token = config.num_layers * 2 * config.num_heads * config.d_kv + config.d_model
+    else:
+        per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+    return float(num_tokens) * per_token * itemsize
+
+
+# ---------------------------------------------------------------------------------------
+# Splitting and checking prompts
+
+
+def split_prompt(tokens: Sequence[int], gist_token_id: int) -> tuple[list[int], list[int]]:
+    """Cut a tokenised example after its last gist token: ``(prompt, input)``.
+
+    Raises ``GistCacheError`` when there is no gist token, and ``ValueError`` (from
+    ``gist.check_gist_contiguous``) when the gist tokens are not contiguous.
+    """
+    tokens = [int(t) for t in tokens]
+    where = [i for i, t in enumerate(tokens) if t == gist_token_id]
+    if not where:
+        raise GistCacheError(f"example has no gist token (id {gist_token_id}): {tokens[:20]}...")
+    gist.check_gist_contiguous(np.asarray(tokens), gist_token_id)
+    return tokens[: where[-1] + 1], tokens[where[-1] + 1 :]
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], gist_token_id: int | None) -> int:
+    """Validate prompts for compression; returns their common number of gist tokens k.
+
+    Each prompt must contain gist tokens, contiguous, and end with them (whatever follows
+    the last gist belongs to the input), and all prompts must have the same k.
+    """
+    if gist_token_id is None:
+        raise GistCacheError("the model config has no gist_token_id: it cannot compress")
+    if not prompts:
+        raise GistCacheError("no prompts to compress")
+    counts = []
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt, np.int64).reshape(-1)
+        where = np.flatnonzero(ids == gist_token_id)
+        if where.size == 0:
+            raise GistCacheError(
+                f"prompt {i} has no gist token (id {gist_token_id}); a prompt to compress is "
+                "the template up to and including its gist tokens"
+            )
+        try:
+            gist.check_gist_contiguous(ids, gist_token_id)
+        except ValueError as err:
+            raise GistCacheError(f"prompt {i}: {err}") from err
+        if where[-1] != ids.size - 1:
+            raise GistCacheError(
+                f"prompt {i} has {ids.size - 1 - where[-1]} token(s) after its last gist token "
+                f"(position {where[-1]} of {ids.size}); those belong to the input -- use "
+                "compress.split_prompt"
+            )
+        counts.append(where.size)
+    if len(set(counts)) != 1:
+        raise GistCacheError(
+            f"prompts have different numbers of gist tokens {sorted(set(counts))}; one cache "
+            "holds prompts with the same k"
+        )
+    return counts[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Compression (jitted)
+
+
+def _llama_compress(
+    params: Any,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    first: jax.Array,
+    last: jax.Array,
+    *,
+    config: Any,
+    num_gist: int,
+    rules: Any,
+) -> GistCache:
+    decode.TRACE_COUNTS["llama_compress"] += 1
+    with decode._rules_context(rules):
+        model = registry.model_module("llama").build_model(config)
+        batch, length = input_ids.shape
+        cache = KVCache.empty(
+            config.num_hidden_layers,
+            batch,
+            length,
+            config.num_key_value_heads,
+            config.head_dim,
+            config.compute_dtype,
+        )
+        mask = gist.decoder_self_mask(
+            positions, cache.positions_after_append(positions), first, last, "gist"
+        )
+        _, cache = model.apply({"params": params}, input_ids, positions, mask, cache)
+        # Prompts are right padded from position 0, so slot index == position.
+        slots = first[:, None] + jnp.arange(num_gist, dtype=jnp.int32)[None, :]
+        index = slots[None, :, :, None, None]
+        return GistCache(
+            k=jnp.take_along_axis(cache.k, index, axis=2),
+            v=jnp.take_along_axis(cache.v, index, axis=2),
+            positions=slots,
+            hidden=None,
+            model_type="llama",
+        )
+
+
+def _t5_compress(
+    params: Any,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    first: jax.Array,
+    last: jax.Array,
+    *,
+    config: Any,
+    num_gist: int,
+    rules: Any,
+) -> GistCache:
+    decode.TRACE_COUNTS["t5_compress"] += 1
+    with decode._rules_context(rules):
+        model = registry.model_module("t5").build_model(config)
+        mask = gist.encoder_self_mask(positions, positions, first, last, "gist")
+        out = model.apply(
+            {"params": params},
+            input_ids,
+            positions,
+            mask,
+            first,
+            last,
+            num_gist,
+            method="compress",
+        )
+        return GistCache(
+            k=out.kv.k, v=out.kv.v, positions=out.kv.pos, hidden=out.hidden, model_type="t5"
+        )
+
+
+_COMPRESS = {
+    "llama": jax.jit(_llama_compress, static_argnames=("config", "num_gist", "rules")),
+    "t5": jax.jit(_t5_compress, static_argnames=("config", "num_gist", "rules")),
+}
+
+
+def compress(
+    config: Any,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    gist_token_id: int | None = None,
+) -> GistCache:
+    """Compress prompts (each ending with its k gist tokens) into a ``GistCache`` whose
+    row ``i`` is ``prompts[i]``.
+
+    Prompts are run ``batch_size`` at a time (default: all), grouped by length and right
+    padded to power-of-two buckets. The cache stays on device (sharded over the batch axes
+    under ``mesh``); ``to_numpy()`` brings it to the host.
+    """
+    gist_id = config.gist_token_id if gist_token_id is None else gist_token_id
+    num_gist = check_prompts(prompts, gist_id)
+    fn = _COMPRESS[config.model_type]
+    rules = None  # activation constraints: see gist_jax.decode's module docstring
+    pad_id = decode.default_pad_id(config)
+    batch_size = decode.round_up(batch_size or len(prompts), decode.batch_multiple(mesh))
+    params = decode.place_params(params, config, mesh)
+    parts: list[GistCache] = []
+    order: list[int] = []
+    filler = [gist_id] * num_gist  # a valid prompt keeps filler rows well defined
+    for chunk in decode.batches(len(prompts), batch_size, [len(p) for p in prompts]):
+        rows = [list(prompts[i]) for i in chunk]
+        rows += [filler] * (batch_size - len(rows))
+        ids, positions = decode.pad_rows(rows, decode.bucket_length(max(map(len, rows))), pad_id)
+        first, last = gist.gist_spans(np.where(positions >= 0, ids, -1), gist_id)
+        args = [decode.place_batch(a, mesh) for a in (ids, positions, first, last)]
+        with decode.mesh_context(mesh):
+            part = fn(params, *args, config=config, num_gist=num_gist, rules=rules)
+        parts.append(part.take(np.arange(len(chunk))))
+        order.extend(chunk)
+    cache = GistCache.concatenate(parts)
+    inverse = np.argsort(np.asarray(order))
+    return cache.take(inverse)
+
+
+# ---------------------------------------------------------------------------------------
+# Generation from a gist cache
+
+
+def _check_inputs(
+    config: Any,
+    cache: GistCache,
+    inputs: Sequence[Sequence[int]],
+    gist_id: int | None,
+    max_input_length: int | None,
+    max_new_tokens: int,
+) -> None:
+    if cache.model_type != config.model_type:
+        raise GistCacheError(
+            f"a {cache.model_type} gist cache cannot be decoded by a {config.model_type} model"
+        )
+    if cache.batch_size != len(inputs):
+        raise GistCacheError(
+            f"{len(inputs)} inputs for a gist cache of {cache.batch_size} prompts; pass one "
+            "input per cached prompt (cache.take(rows) repeats a prompt)"
+        )
+    for i, row in enumerate(inputs):
+        if len(row) == 0:
+            raise GistCacheError(
+                f"input {i} is empty; decoding from a gist cache needs at least one input "
+                "token (the template's '\\nOutput:')"
+            )
+        if gist_id is not None and gist_id in list(row):
+            raise GistCacheError(f"input {i} contains a gist token (id {gist_id})")
+        if max_input_length is not None and len(row) > max_input_length:
+            raise GistCacheError(
+                f"input {i} has {len(row)} tokens, longer than the cache's room for input "
+                f"tokens (max_input_length={max_input_length})"
+            )
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and config.model_type == "llama":
+        ends = np.asarray(decode.to_host(cache.last)) + 1
+        needed = ends + np.asarray([len(r) for r in inputs]) + max_new_tokens
+        worst = int(np.argmax(needed))
+        if needed[worst] > limit:
+            raise GistCacheError(
+                f"input {worst} would reach position {int(needed[worst]) - 1} (gists end at "
+                f"{int(ends[worst]) - 1}, {len(inputs[worst])} input + {max_new_tokens} new "
+                f"tokens), beyond max_position_embeddings={limit}"
+            )
+
+
+def generate(
+    config: Any,
+    params: Any,
+    cache: GistCache,
+    inputs: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    return_logits: bool = False,
+    max_input_length: int | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+) -> list[Generation]:
+    """Decode ``inputs[i]`` (the tokens after the gists) from row ``i`` of ``cache``.
+
+    Input tokens continue at absolute positions ``last_i + 1, ...``. ``max_input_length``
+    fixes the padded input length (one compile for any input up to it; a longer input is a
+    ``GistCacheError``); otherwise inputs are padded to power-of-two buckets. With
+    ``return_logits`` each ``Generation`` also carries the input tokens' logits
+    (``prompt_logits``, LLaMA) and each generated token's logits.
+    """
+    gist_id = config.gist_token_id
+    _check_inputs(config, cache, inputs, gist_id, max_input_length, max_new_tokens)
+    opts = decode.make_options(
+        config,
+        max_new_tokens,
+        "gist",
+        sampling,
+        eos_token_ids,
+        None,
+        return_logits,
+    )
+    batch_size = decode.round_up(batch_size or len(inputs), decode.batch_multiple(mesh))
+    params = decode.place_params(params, config, mesh)
+    host_pos = np.asarray(decode.to_host(cache.positions))
+    rng = jax.random.key(seed)
+    results: list[Generation | None] = [None] * len(inputs)
+    for number, chunk in enumerate(
+        decode.batches(len(inputs), batch_size, [len(r) for r in inputs])
+    ):
+        # Filler rows repeat the chunk's first example (a well-formed cache row).
+        rows = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
+        row_inputs = [list(inputs[i]) for i in rows]
+        length = max_input_length or decode.bucket_length(max(map(len, row_inputs)))
+        starts = host_pos[rows, -1] + 1
+        ids, positions = decode.pad_rows(row_inputs, length, opts.pad_id, starts)
+        part = cache.take(rows)
+        first = host_pos[rows, 0].astype(np.int32)
+        last = host_pos[rows, -1].astype(np.int32)
+        key = jax.random.fold_in(rng, number)
+        place = functools.partial(_place_rows, mesh=mesh)
+        args = [decode.place_batch(a, mesh) for a in (ids, positions, first, last)]
+        with decode.mesh_context(mesh):
+            if config.model_type == "t5":
+                prefix = decode.EncoderPrefix(
+                    k=place(part.k, axis=1),
+                    v=place(part.v, axis=1),
+                    hidden=place(part.hidden, axis=0),
+                    pos=place(part.positions, axis=0),
+                )
+                out = decode.t5_generate_arrays(
+                    params,
+                    *args,
+                    key,
+                    prefix,
+                    config=config,
+                    opts=opts,
+                    start_id=decode.t5_start_id(config),
+                )
+                prompt_logits = None
+            else:
+                prefix = decode.CachePrefix(
+                    k=place(part.k, axis=1),
+                    v=place(part.v, axis=1),
+                    pos=place(part.positions, axis=0),
+                )
+                out = decode.llama_generate_arrays(
+                    params, *args, key, prefix, config=config, opts=opts
+                )
+                prompt_logits = out.prompt_logits
+        chunk_results = decode._results(
+            out.loop, len(chunk), prompt_logits, [len(r) for r in row_inputs]
+        )
+        for i, result in zip(chunk, chunk_results, strict=True):
+            results[i] = result
+    return results  # type: ignore[return-value]
+
+
+def _place_rows(x: Any, axis: int, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """A cache array with its batch axis at ``axis`` split over the mesh's batch axes."""
+    if mesh is None:
+        return jnp.asarray(x)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x
+    host = np.asarray(x)
+    spec = [None] * host.ndim
+    spec[axis] = sharding.batch_spec(mesh, 1)[0]
+    target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+@dataclasses.dataclass
+class CompressedPrompts:
+    """Unique prompts of a list of examples and, per example, the row of its prompt."""
+
+    prompts: list[list[int]]
+    rows: list[int]
+    inputs: list[list[int]]
+
+
+def dedupe_prompts(examples: Sequence[Sequence[int]], gist_token_id: int) -> CompressedPrompts:
+    """Split each tokenised example after its gists and share identical prompts: the
+    deployed path compresses every distinct instruction once."""
+    index: dict[tuple[int, ...], int] = {}
+    prompts: list[list[int]] = []
+    rows: list[int] = []
+    inputs: list[list[int]] = []
+    for tokens in examples:
+        prompt, rest = split_prompt(tokens, gist_token_id)
+        key = tuple(prompt)
+        if key not in index:
+            index[key] = len(prompts)
+            prompts.append(prompt)
+        rows.append(index[key])
+        inputs.append(rest)
+    return CompressedPrompts(prompts=prompts, rows=rows, inputs=inputs)

@@ -1,0 +1,591 @@
+"""Generation evaluation: for each split and each condition (gist, pos_control,
+neg_control) decode greedily and score ROUGE-L and exact match against the references.
+
+This module owns the evaluation loop, its outputs and the ``python -m gist_jax.evaluate``
+command. The ``gist`` condition decodes through compression (every distinct instruction is
+compressed once into a ``GistCache`` and each example's input is decoded from it: the path
+users deploy); ``pos_control`` and ``neg_control`` decode the full sequence under their
+masks (for a model trained without gist tokens, k = 0, every condition is plain attention
+and ``gist`` decodes the full sequence too). Outputs, in ``OUT`` (``WORKDIR/eval/<step>``)::
+
+    metrics.json        split -> condition -> {"rougeL", "exact_match", "n"} (x100 scores)
+    predictions.jsonl   one line per split, condition and example (prompt, reference, output)
+    compression.json    per split: mean prompt tokens -> k gist tokens, cache bytes per prompt
+    run.json            step, timings, compilations per jitted function, truncation reports
+    results.md          the two tables above in markdown
+    rouge_l.png         bar chart of ROUGE-L per split and condition
+    compression.png     prompt tokens vs gist tokens, and bytes per cached prompt
+
+Library use: ``evaluate(model_config, params, tokenizer, splits, conditions, ...)`` returns
+the metrics dict (and writes the files when given ``out_dir``); ``make_train_hook`` adapts
+it to the training loop (``--config.eval.hooks='("gist_jax.evaluate:make_train_hook",)'``). Every process runs it (decoding is sharded);
+process 0 writes the files.
+
+    python -m gist_jax.evaluate --config=configs/tiny_llama.py --workdir=DIR [--checkpoint_step=N]
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from gist_jax import compress, decode, gist, metrics
+
+EVAL_DIR = "eval"
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclasses.dataclass
+class EncodedSplit:
+    """A split's examples as prompt token ids, with what gist decoding needs."""
+
+    examples: list[Mapping[str, Any]]  # kept examples (dropped ones removed)
+    prompts: list[list[int]]  # LLaMA: BOS ... "Output:"; T5: the encoder source
+    gist_first: list[int]
+    gist_last: list[int]
+    report: dict[str, Any]
+
+
+@dataclasses.dataclass
+class EvalReport:
+    metrics: dict[str, dict[str, dict[str, float]]]
+    predictions: list[dict[str, Any]]
+    compression: dict[str, dict[str, float]]
+    run: dict[str, Any]
+
+
+def encode_split(
+    model_config: Any,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    num_gist: int,
+    max_prompt_length: int,
+) -> EncodedSplit:
+    """Tokenise examples with the family's template (prompt only), truncated to
+    ``max_prompt_length`` tokens (user text is cut first; see ``gist_jax.data.tokenize``)."""
+    from gist_jax import data
+
+    if model_config.model_type == "t5":
+        encoded, trunc = data.encode_encdec_examples(
+            examples, tokenizer, num_gist, max_prompt_length, max_target_length=1
+        )
+        prompts = [e.source.tolist() for e in encoded]
+    else:
+        encoded, trunc = data.encode_decoder_examples(
+            examples, tokenizer, num_gist, max_prompt_length, with_completion=False
+        )
+        prompts = [e.prompt.tolist() for e in encoded]
+    return EncodedSplit(
+        examples=[examples[e.index] for e in encoded],
+        prompts=prompts,
+        gist_first=[e.gist_first for e in encoded],
+        gist_last=[e.gist_last for e in encoded],
+        report=trunc.to_dict(),
+    )
+
+
+def _decode_condition(
+    model_config: Any,
+    params: Any,
+    split: EncodedSplit,
+    condition: str,
+    num_gist: int,
+    **kwargs: Any,
+) -> list[decode.Generation]:
+    if condition == "gist" and num_gist > 0:
+        # The deployed path: compress each distinct instruction once, decode from the cache.
+        shared = compress.dedupe_prompts(split.prompts, model_config.gist_token_id)
+        cache = compress.compress(
+            model_config,
+            params,
+            shared.prompts,
+            batch_size=kwargs["batch_size"],
+            mesh=kwargs["mesh"],
+        )
+        return compress.generate(
+            model_config, params, cache.take(shared.rows), shared.inputs, **kwargs
+        )
+    return decode.generate(model_config, params, split.prompts, condition=condition, **kwargs)
+
+
+def _compression_figures(model_config: Any, split: EncodedSplit, num_gist: int) -> dict[str, float]:
+    """Mean tokens before the gists over the split's distinct prompts, vs k."""
+    lengths = {}
+    for prompt, first in zip(split.prompts, split.gist_first, strict=True):
+        if first >= 0:
+            lengths[tuple(prompt[: first + num_gist])] = first
+    mean_prompt = float(np.mean(list(lengths.values()))) if lengths else 0.0
+    return {
+        "distinct_prompts": len(lengths),
+        "mean_prompt_tokens": mean_prompt,
+        "num_gist_tokens": num_gist,
+        "compression_ratio": mean_prompt / num_gist if num_gist else 0.0,
+        "gist_cache_bytes_per_prompt": compress.cache_bytes(model_config, num_gist),
+        "prompt_cache_bytes_per_prompt": compress.cache_bytes(model_config, mean_prompt),
+    }
+
+
+def run_evaluation(
+    model_config: Any,
+    params: Any,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    conditions: Sequence[str] = gist.CONDITIONS,
+    *,
+    num_gist: int = 1,
+    max_prompt_length: int = 512,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 16,
+    mesh: jax.sharding.Mesh | None = None,
+    step: int = 0,
+) -> EvalReport:
+    """Decode and score every split under every condition; see ``evaluate``."""
+    for condition in conditions:
+        gist.check_condition(condition)
+    if num_gist > 0 and model_config.gist_token_id is None:
+        raise ValueError("num_gist > 0 but the model config has no gist_token_id")
+    compiles_before = collections.Counter(decode.TRACE_COUNTS)
+    start = time.perf_counter()
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, mesh=mesh)
+    params = decode.place_params(params, model_config, mesh)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    predictions: list[dict[str, Any]] = []
+    compression: dict[str, dict[str, float]] = {}
+    reports: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for name, examples in splits.items():
+        split = encode_split(model_config, tokenizer, examples, num_gist, max_prompt_length)
+        reports[name] = split.report
+        if not split.prompts:
+            raise ValueError(
+                f"split {name!r}: no example fits max_prompt_length={max_prompt_length}"
+            )
+        compression[name] = _compression_figures(model_config, split, num_gist)
+        references = [ex["output"] for ex in split.examples]
+        results[name] = {}
+        for condition in conditions:
+            t0 = time.perf_counter()
+            outputs = _decode_condition(model_config, params, split, condition, num_gist, **kwargs)
+            seconds[f"{name}/{condition}"] = time.perf_counter() - t0
+            texts = [tokenizer.decode(o.tokens, skip_special_tokens=True).strip() for o in outputs]
+            results[name][condition] = {
+                "rougeL": metrics.rouge_l(texts, references),
+                "exact_match": metrics.exact_match(texts, references),
+                "n": len(texts),
+            }
+            for ex, prompt, text, out in zip(
+                split.examples, split.prompts, texts, outputs, strict=True
+            ):
+                predictions.append(
+                    {
+                        "split": name,
+                        "condition": condition,
+                        "instruction": ex["instruction"],
+                        "input": ex["input"],
+                        "reference": ex["output"],
+                        "prediction": text,
+                        "finished": out.finished,
+                        "prompt_tokens": len(prompt),
+                    }
+                )
+    compiles = {
+        k: v - compiles_before.get(k, 0)
+        for k, v in decode.TRACE_COUNTS.items()
+        if v - compiles_before.get(k, 0)
+    }
+    run = {
+        "step": int(step),
+        "seconds": time.perf_counter() - start,
+        "seconds_per_condition": seconds,
+        "compilations": compiles,
+        "truncation": reports,
+        "settings": {
+            "conditions": list(conditions),
+            "num_gist": num_gist,
+            "max_prompt_length": max_prompt_length,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+        },
+    }
+    return EvalReport(results, predictions, compression, run)
+
+
+def evaluate(
+    model_config: Any,
+    params: Any,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    conditions: Sequence[str] = gist.CONDITIONS,
+    *,
+    num_gist: int = 1,
+    max_prompt_length: int = 512,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 16,
+    mesh: jax.sharding.Mesh | None = None,
+    out_dir: str | os.PathLike | None = None,
+    step: int = 0,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Greedy-decode every example of every split under every condition and score it.
+
+    Args:
+      model_config, params, tokenizer: the model (any family in the registry); the
+        tokenizer must have ``<GIST>`` when ``num_gist > 0``.
+      splits: split name -> examples (dicts with ``instruction``, ``input``, ``output``).
+      conditions: subset of ``gist.CONDITIONS``.
+      num_gist: k, the number of gist tokens the model was trained with.
+      max_prompt_length: prompt tokens (LLaMA) / source tokens (T5) kept per example.
+      max_new_tokens, batch_size: decoding settings (greedy; ``batch_size`` rows per
+        compiled call, a multiple of the mesh's data parallelism).
+      mesh: decode on this mesh (params sharded as in training, batch data-parallel).
+      out_dir: write the files listed in the module docstring here (process 0).
+
+    Returns ``split -> condition -> {"rougeL", "exact_match", "n"}`` (scores x100).
+    """
+    report = run_evaluation(
+        model_config,
+        params,
+        tokenizer,
+        splits,
+        conditions,
+        num_gist=num_gist,
+        max_prompt_length=max_prompt_length,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        mesh=mesh,
+        step=step,
+    )
+    if out_dir is not None and jax.process_index() == 0:
+        write_report(report, out_dir)
+    return report.metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def markdown_tables(report: EvalReport) -> str:
+    """ROUGE-L / exact match per condition (rows) and split (columns), and compression."""
+    splits = list(report.metrics)
+    conditions = list(next(iter(report.metrics.values()))) if splits else []
+    lines = [f"## Evaluation at step {report.run['step']}", ""]
+    lines.append("| condition | " + " | ".join(f"{s} ROUGE-L | {s} EM" for s in splits) + " |")
+    lines.append("|---" * (1 + 2 * len(splits)) + "|")
+    for condition in conditions:
+        cells = []
+        for s in splits:
+            m = report.metrics[s][condition]
+            cells += [f"{m['rougeL']:.1f}", f"{m['exact_match']:.1f}"]
+        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+    n = {s: next(iter(report.metrics[s].values()))["n"] for s in splits}
+    lines += ["", "Examples per split: " + ", ".join(f"{s} {n[s]}" for s in splits), ""]
+    lines.append(
+        "| split | distinct prompts | mean prompt tokens | gist tokens | ratio | "
+        "prompt cache bytes | gist cache bytes |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
+    for s, c in report.compression.items():
+        lines.append(
+            f"| {s} | {c['distinct_prompts']} | {c['mean_prompt_tokens']:.1f} | "
+            f"{c['num_gist_tokens']} | {c['compression_ratio']:.1f}x | "
+            f"{c['prompt_cache_bytes_per_prompt']:,.0f} | {c['gist_cache_bytes_per_prompt']:,.0f} |"
+        )
+    compiles = ", ".join(f"{k} {v}" for k, v in sorted(report.run["compilations"].items()))
+    lines += [
+        "",
+        f"Compilations: {compiles or 'none (all cached)'}; {report.run['seconds']:.1f} s",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_rouge(report: EvalReport, path: pathlib.Path) -> None:
+    """Grouped bars: ROUGE-L per split (groups) and condition (bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(report.metrics)
+    conditions = list(next(iter(report.metrics.values())))
+    width = 0.8 / len(conditions)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(splits), 3.6))
+    x = np.arange(len(splits))
+    for i, condition in enumerate(conditions):
+        values = [report.metrics[s][condition]["rougeL"] for s in splits]
+        bars = ax.bar(x + (i - (len(conditions) - 1) / 2) * width, values, width, label=condition)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(x, splits)
+    ax.set_ylabel("ROUGE-L")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"ROUGE-L per split and condition (step {report.run['step']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compression(report: EvalReport, path: pathlib.Path) -> None:
+    """Left: mean prompt tokens vs gist tokens; right: KiB per cached prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(report.compression)
+    c = [report.compression[s] for s in splits]
+    x = np.arange(len(splits))
+    fig, axes = plt.subplots(1, 2, figsize=(2.5 + 2.4 * len(splits), 3.4))
+    for ax, keys, labels, unit in (
+        (axes[0], ("mean_prompt_tokens", "num_gist_tokens"), ("prompt", "gist"), "tokens"),
+        (
+            axes[1],
+            ("prompt_cache_bytes_per_prompt", "gist_cache_bytes_per_prompt"),
+            ("prompt cache", "gist cache"),
+            "KiB per prompt",
+        ),
+    ):
+        scale = 1024.0 if unit.startswith("KiB") else 1.0
+        for i, (key, label) in enumerate(zip(keys, labels, strict=True)):
+            bars = ax.bar(x + (i - 0.5) * 0.4, [v[key] / scale for v in c], 0.4, label=label)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(x, splits)
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=8)
+    fig.suptitle("Prompt compression")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: EvalReport, out_dir: str | os.PathLike) -> pathlib.Path:
+    """Write the files listed in the module docstring into ``out_dir``."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "metrics.json", json.dumps(report.metrics, indent=2) + "\n")
+    _atomic_write(out / "compression.json", json.dumps(report.compression, indent=2) + "\n")
+    _atomic_write(out / "run.json", json.dumps(report.run, indent=2) + "\n")
+    _atomic_write(
+        out / "predictions.jsonl",
+        "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in report.predictions),
+    )
+    _atomic_write(out / "results.md", markdown_tables(report))
+    plot_rouge(report, out / "rouge_l.png")
+    plot_compression(report, out / "compression.png")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Settings from a training config, and the training-loop hook
+
+
+def settings_from_config(config: Any) -> dict[str, Any]:
+    """``evaluate`` keyword arguments from a training config (``gist_jax.train_config``).
+
+    ``eval.max_new_tokens`` and ``eval.conditions`` are read when the config has them
+    (defaults: 128 for decoder-only, ``data.max_target_length`` for T5; all conditions).
+    """
+    e = config.eval
+    t5 = _model_type_of(config) == "t5"
+    max_new = e.get("max_new_tokens", None) or (
+        config.data.max_target_length if t5 else DEFAULT_MAX_NEW_TOKENS
+    )
+    return {
+        "conditions": tuple(e.get("conditions", None) or gist.CONDITIONS),
+        "num_gist": int(config.data.num_gist_tokens),
+        "max_prompt_length": int(config.data.max_source_length if t5 else config.data.max_length),
+        "max_new_tokens": int(max_new),
+        "batch_size": int(e.batch_size),
+    }
+
+
+def _model_type_of(config: Any) -> str:
+    init = config.model.get("init", None)
+    if init is not None and init.get("model_type", None):
+        return str(init.model_type)
+    if config.model.checkpoint and config.model.checkpoint != "default":
+        from gist_jax.convert import common
+
+        return str(common.read_model_config(config.model.checkpoint)["model_type"])
+    return "llama"
+
+
+def load_splits(
+    config: Any, splits: Sequence[str] | None = None, num_examples: int | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """The evaluation examples a training config names (``eval.splits``, ``eval.num_examples``
+    from ``data.source``)."""
+    from gist_jax import data
+
+    names = list(splits or config.eval.splits)
+    n = config.eval.num_examples if num_examples is None else num_examples
+    out = {}
+    for name in names:
+        examples, _ = data.load_examples(
+            config.data.source, name, num_examples=None if n < 0 else n, seed=config.train.seed
+        )
+        out[name] = examples
+    return out
+
+
+def make_train_hook(config: Any) -> Any:
+    """Factory for ``eval.hooks = ("gist_jax.evaluate:make_train_hook",)``: a hook for
+    ``gist_jax.train.train_and_evaluate`` that evaluates the current params on the config's
+    splits (loaded once, here), writes ``WORKDIR/eval/<step>``, and returns flat metrics
+    ``"<split>/<condition>/rougeL"`` and ``.../exact_match`` for the training log."""
+    splits = load_splits(config)
+    settings = settings_from_config(config)
+
+    def hook(context: Any) -> dict[str, float]:
+        result = evaluate(
+            context.model_config,
+            context.params,
+            context.tokenizer,
+            splits,
+            mesh=context.mesh,
+            out_dir=pathlib.Path(context.workdir) / EVAL_DIR / str(context.step),
+            step=context.step,
+            **settings,
+        )
+        return {
+            f"{split}/{condition}/{key}": float(value)
+            for split, by_condition in result.items()
+            for condition, values in by_condition.items()
+            for key, value in values.items()
+            if key != "n"
+        }
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def load_for_eval(
+    config: Any, workdir: str | os.PathLike, checkpoint_step: int | None, mesh: Any
+) -> tuple[Any, Any, Any, int]:
+    """``(model_config, params, tokenizer, step)`` for evaluating a run.
+
+    With checkpoints in ``WORKDIR/checkpoints``: the params of ``checkpoint_step`` (default
+    the latest), restored onto ``mesh``. Without: the config's pretrained model (step 0).
+    """
+    from gist_jax import checkpoint as ckpt_lib
+    from gist_jax import optim, train
+    from gist_jax import train_state as ts
+    from gist_jax.models import registry
+
+    loaded = train.load_model(config)
+    model_config = loaded.config
+    checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+    try:
+        steps = checkpointer.all_steps()
+        if checkpoint_step is not None and checkpoint_step not in steps:
+            raise ckpt_lib.CheckpointError(
+                f"no checkpoint for step {checkpoint_step} in {checkpointer.directory} "
+                f"(steps: {sorted(steps)})"
+            )
+        if steps:
+            step = checkpoint_step if checkpoint_step is not None else max(steps)
+            # The train state's structure (optimizer state included) is needed to restore it.
+            axes = loaded.module.param_logical_axes(model_config)
+            schedule = optim.make_schedule(config.train.lr, 1, config.train.schedule, 0)
+            optimizer = optim.make_optimizer(
+                schedule,
+                axes,
+                weight_decay=config.train.weight_decay,
+                clip_norm=config.train.clip_norm,
+            )
+            abstract = ts.abstract_state(registry.abstract_params(model_config), optimizer)
+            shardings = ts.state_shardings(abstract, axes, mesh, optimizer)
+            state, _ = checkpointer.restore(ts.with_shardings(abstract, shardings), step)
+            return model_config, state.params, loaded.tokenizer, int(step)
+    finally:
+        checkpointer.close()
+    if loaded.checkpoint_dir is None:
+        raise ckpt_lib.CheckpointError(
+            f"no checkpoint in {pathlib.Path(workdir) / ckpt_lib.CHECKPOINT_DIR} and the config's "
+            "model is random init: nothing to evaluate"
+        )
+    _, params, _ = registry.load_checkpoint(
+        loaded.checkpoint_dir, scan_layers=model_config.scan_layers
+    )
+    return model_config, params, loaded.tokenizer, 0
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    # --config, --workdir and the multi-process flags are gist_jax.train's (same meaning).
+    from gist_jax import train  # noqa: F401
+
+    flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to evaluate (default: latest).")
+    flags.DEFINE_list("splits", None, "Splits (default: the config's eval.splits).")
+    flags.DEFINE_list("conditions", None, f"Subset of {','.join(gist.CONDITIONS)} (default: all).")
+    flags.DEFINE_integer("num_examples", None, "Examples per split (default: eval.num_examples).")
+    flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate (default: from the config).")
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import app, flags
+
+    from gist_jax import distributed, sharding
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if f.config is None or not f.workdir:
+        raise app.UsageError("--config and --workdir are required")
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
+    config = f.config
+    mesh = sharding.make_mesh(
+        {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
+    )
+    model_config, params, tokenizer, step = load_for_eval(
+        config, f.workdir, f.checkpoint_step, mesh
+    )
+    settings = settings_from_config(config)
+    if f.conditions:
+        settings["conditions"] = tuple(f.conditions)
+    if f.max_new_tokens:
+        settings["max_new_tokens"] = f.max_new_tokens
+    out_dir = pathlib.Path(f.workdir) / EVAL_DIR / str(step)
+    evaluate(
+        model_config,
+        params,
+        tokenizer,
+        load_splits(config, f.splits, f.num_examples),
+        mesh=mesh,
+        out_dir=out_dir,
+        step=step,
+        **settings,
+    )
+    if jax.process_index() == 0:
+        print((out_dir / "results.md").read_text())
+        print(f"wrote {out_dir}")
+
+
+def run() -> None:
+    """Console script entry point (``gist-eval``)."""
+    from absl import app
+
+    _define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

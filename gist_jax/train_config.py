@@ -1,0 +1,152 @@
+"""The training config schema (every key, its default and meaning) and its validation.
+
+Every ``configs/*.py`` starts from ``base_config()`` and changes values, so all experiments
+share one set of keys; ``config_flags`` locks the result, so a misspelt command-line
+override (``--config.train.lrr=1``) is an error instead of being silently ignored.
+``validate`` turns impossible values into one ``ConfigError`` that lists every problem.
+
+Sections:
+
+* ``model``: where the model comes from (a converted checkpoint, the bundled default model,
+  or random init from ``model.init`` fields), its tokenizer, and how it runs (``dtype`` is
+  the compute dtype, params stay float32; ``scan_layers``; ``remat``).
+* ``data``: example source, template settings (gist tokens, attention condition), lengths,
+  padding vs packing.
+* ``train``: length (steps or epochs), global batch, optimizer, schedule, intervals.
+* ``mesh``: device mesh axes ``data`` x ``fsdp`` x ``tensor`` (``-1`` = the rest).
+* ``eval``: validation-loss splits and sizes.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from gist_jax import gist
+
+# Model sources besides a directory path.
+DEFAULT_MODEL = "default"
+RANDOM_INIT = ""
+
+
+class ConfigError(ValueError):
+    """A config with impossible values; the message lists every problem by key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with defaults (a small CPU run of the bundled model on the synthetic suite)."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    # "default": the bundled SmolLM2-135M-Instruct (converted on first use, see
+    # gist_jax.convert.default_model); a path: a converted checkpoint directory (written by
+    # `gist-convert-from-hf`); "": random init from `model.init`.
+    c.model.checkpoint = DEFAULT_MODEL
+    # Random-init model fields (model_type plus the family config's fields); vocab_size 0
+    # means "the tokenizer's size". Ignored when `model.checkpoint` is set.
+    c.model.init = ml_collections.ConfigDict()
+    # "": the checkpoint's tokenizer; "synthetic_bpe[:N]": the small BPE tokenizer trained on
+    # the synthetic suite (gist_jax.tiny_tokenizer); else a Hugging Face tokenizer directory.
+    c.model.tokenizer = ""
+    c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
+    c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
+    c.model.remat = "none"  # "none" | "full" | "dots" (save matmul outputs)
+
+    c.data = ml_collections.ConfigDict()
+    # "synthetic": the built-in suite (gist_jax.data.synthetic); else a directory or URL
+    # prefix holding alpaca_plus_{split}.json files.
+    c.data.source = "synthetic"
+    c.data.train_split = "train"
+    c.data.num_train_examples = -1  # -1: all (synthetic: its default size)
+    c.data.num_gist_tokens = 1  # k; 0 trains the no-gist baseline
+    c.data.condition = "gist"  # "gist" | "pos_control" | "neg_control"
+    c.data.max_length = 96  # decoder-only: prompt + completion tokens
+    c.data.max_source_length = 128  # encoder-decoder
+    c.data.max_target_length = 256
+    c.data.packing = False  # several examples per row (segment ids keep them apart)
+    c.data.bucket_multiple = 32  # padded lengths are multiples of this
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 200  # optimizer updates; 0: use `epochs`
+    c.train.epochs = 0.0  # used when steps == 0
+    c.train.batch_size = 8  # global rows per update (all processes, all micro-batches)
+    c.train.grad_accum = 1  # micro-batches per update (scan; one optimizer update)
+    c.train.lr = 1e-4
+    c.train.schedule = "cosine"  # "cosine" (to 0) | "constant"; both after linear warmup
+    c.train.warmup = 0.03  # < 1: fraction of the steps; >= 1: number of steps
+    c.train.weight_decay = 0.0  # AdamW; never applied to norm scales
+    c.train.clip_norm = 1.0  # global-norm gradient clipping; <= 0: off
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    c.train.seed = 0  # params init (random-init models), data order
+    c.train.log_every = 10
+    c.train.eval_every = 100  # 0: only at the end
+    c.train.checkpoint_every = 100  # 0: only at the end (and on SIGTERM)
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoint = True
+    c.train.export = True  # write WORKDIR/export (a converted checkpoint dir) at the end
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    # Apply the model's activation sharding constraints (logical axis rules in context).
+    c.mesh.constrain_activations = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.splits = ("validation_seen", "validation_unseen")
+    c.eval.num_examples = 200  # per split; -1: all
+    c.eval.batch_size = 16
+    # Extra evaluation hooks, "module:factory" strings: factory(config) returns a callable
+    # EvalContext -> {metric: value} run at every evaluation after the validation loss
+    # (e.g. generation metrics; see gist_jax.train.EvalContext).
+    c.eval.hooks = ()
+    return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ``ConfigError`` listing every impossible value (key = value: why)."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            value = config
+            for part in key.split("."):
+                value = value[part]
+            problems.append(f"{key}={value!r}: {why}")
+
+    t, d, m = config.train, config.data, config.model
+    need(t.lr > 0, "train.lr", "the learning rate must be > 0")
+    need(t.steps >= 0, "train.steps", "must be >= 0")
+    need(t.steps > 0 or t.epochs > 0, "train.epochs", "set train.steps or train.epochs > 0")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    if t.batch_size >= 1 and t.grad_accum >= 1:
+        need(
+            t.batch_size % t.grad_accum == 0,
+            "train.batch_size",
+            f"must be divisible by train.grad_accum={t.grad_accum}",
+        )
+    need(t.schedule in ("cosine", "constant"), "train.schedule", "expected 'cosine' or 'constant'")
+    need(t.warmup >= 0, "train.warmup", "must be >= 0")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(t.eval_every >= 0, "train.eval_every", "must be >= 0")
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    need(d.condition in gist.CONDITIONS, "data.condition", f"expected one of {gist.CONDITIONS}")
+    need(d.num_gist_tokens >= 0, "data.num_gist_tokens", "must be >= 0")
+    need(d.max_length >= 2, "data.max_length", "must be >= 2")
+    need(d.bucket_multiple >= 1, "data.bucket_multiple", "must be >= 1")
+    need(m.dtype in ("float32", "bfloat16"), "model.dtype", "expected 'float32' or 'bfloat16'")
+    need(m.remat in ("none", "full", "dots"), "model.remat", "expected 'none', 'full' or 'dots'")
+    need(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    for i, hook in enumerate(config.eval.hooks):
+        if not isinstance(hook, str) or hook.count(":") != 1:
+            problems.append(f"eval.hooks[{i}]={hook!r}: expected 'module:factory'")
+    if m.checkpoint == RANDOM_INIT:
+        need("model_type" in m.init, "model.init", "random init needs model.init.model_type")
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        need(size == -1 or size >= 1, f"mesh.{axis}", "must be a positive size or -1")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,195 @@
+"""The loss and the jitted, sharded train and eval steps.
+
+The loss is the mean cross-entropy over completion tokens (``loss_mask``) of the whole
+global batch. Masks are never shipped: the step builds them from the batch's per-token
+positions, segments and gist spans with ``gist_jax.gist`` (decoder-only:
+``decoder_self_mask``; T5: ``encoder_self_mask``, a causal ``decoder_self_mask`` without
+gist span, and ``cross_mask``), so one code path covers padded and packed batches.
+
+Gradient accumulation scans over ``grad_accum`` micro-batches and sums *token-summed*
+losses and gradients, dividing by the total number of loss tokens once at the end; the
+update is therefore the same as with one big batch (up to float summation order). Micro-
+batch ``j`` takes rows ``j, j + A, j + 2A, ...`` so every device contributes equally to
+every micro-batch and no rows move between devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from gist_jax import gist
+from gist_jax.train_state import TrainState
+
+Batch = Mapping[str, jax.Array]
+
+DECODER_KEYS = (
+    "input_ids",
+    "positions",
+    "segment_ids",
+    "targets",
+    "loss_mask",
+    "gist_first",
+    "gist_last",
+)
+ENCDEC_KEYS = (
+    "encoder_input_ids",
+    "encoder_positions",
+    "encoder_segment_ids",
+    "encoder_gist_first",
+    "encoder_gist_last",
+    "decoder_input_ids",
+    "decoder_positions",
+    "decoder_segment_ids",
+    "decoder_gist_first",
+    "decoder_gist_last",
+    "targets",
+    "loss_mask",
+)
+
+
+def batch_keys(model_type: str) -> tuple[str, ...]:
+    """The arrays a batch for this model family must have."""
+    return ENCDEC_KEYS if model_type == "t5" else DECODER_KEYS
+
+
+def decoder_logits(model: nn.Module, params: Any, batch: Batch, condition: str) -> jax.Array:
+    """Logits ``float32[B, L, V]`` of a decoder-only model under the gist mask."""
+    pos, seg = batch["positions"], batch["segment_ids"]
+    mask = gist.decoder_self_mask(
+        pos, pos, batch["gist_first"], batch["gist_last"], condition, seg, seg
+    )
+    logits, _ = model.apply({"params": params}, batch["input_ids"], pos, mask)
+    return logits
+
+
+def encdec_logits(model: nn.Module, params: Any, batch: Batch, condition: str) -> jax.Array:
+    """Decoder logits ``float32[B, Lt, V]`` of an encoder-decoder model under the gist masks."""
+    enc_pos, enc_seg = batch["encoder_positions"], batch["encoder_segment_ids"]
+    dec_pos, dec_seg = batch["decoder_positions"], batch["decoder_segment_ids"]
+    enc_mask = gist.encoder_self_mask(
+        enc_pos,
+        enc_pos,
+        batch["encoder_gist_first"],
+        batch["encoder_gist_last"],
+        condition,
+        enc_seg,
+        enc_seg,
+    )
+    # The decoder sees no gist tokens of its own: causal + padding + same segment.
+    no_gist = jnp.full(dec_pos.shape[:1], gist.NO_GIST, jnp.int32)
+    self_mask = gist.decoder_self_mask(dec_pos, dec_pos, no_gist, no_gist, "gist", dec_seg, dec_seg)
+    cross = gist.cross_mask(
+        enc_pos,
+        batch["decoder_gist_first"],
+        batch["decoder_gist_last"],
+        condition,
+        dec_seg,
+        enc_seg,
+    )
+    logits, _ = model.apply(
+        {"params": params},
+        batch["encoder_input_ids"],
+        enc_pos,
+        enc_mask,
+        batch["decoder_input_ids"],
+        dec_pos,
+        self_mask,
+        cross,
+    )
+    return logits
+
+
+def loss_sums(
+    model: nn.Module, model_type: str, params: Any, batch: Batch, condition: str
+) -> tuple[jax.Array, jax.Array]:
+    """``(sum of token cross-entropies over loss_mask, number of loss tokens)``."""
+    logits_fn = encdec_logits if model_type == "t5" else decoder_logits
+    logits = logits_fn(model, params, batch, condition)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weights = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def count_tokens(model_type: str, batch: Batch) -> jax.Array:
+    """Non-padding tokens in a batch (encoder + decoder for T5), for tokens/s."""
+    if model_type == "t5":
+        return jnp.sum(batch["encoder_positions"] >= 0) + jnp.sum(batch["decoder_positions"] >= 0)
+    return jnp.sum(batch["positions"] >= 0)
+
+
+def _split_micro(batch: Batch, grad_accum: int) -> Batch:
+    # [B, ...] -> [A, B / A, ...] with micro-batch j = rows j, j + A, ... (see module doc).
+    def split(x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape(b // grad_accum, grad_accum, *x.shape[1:]), 0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(
+    model: nn.Module,
+    model_type: str,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    condition: str,
+    grad_accum: int = 1,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The (unjitted) step ``(state, batch) -> (new_state, metrics)``; ``metrics`` holds
+    ``loss`` (mean over loss tokens), ``grad_norm`` (before clipping), ``lr`` (the rate this
+    update used), ``tokens`` (non-padding) and ``loss_tokens``."""
+
+    def grads_of(params: Any, micro: Batch) -> tuple[tuple[jax.Array, jax.Array], Any]:
+        def f(p: Any) -> tuple[jax.Array, jax.Array]:
+            total, count = loss_sums(model, model_type, p, micro, condition)
+            return total, count
+
+        (total, count), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return (total, count), grads
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        if grad_accum == 1:
+            (total, count), grads = grads_of(state.params, batch)
+        else:
+            micro = _split_micro(batch, grad_accum)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+            def body(carry: Any, mb: Batch) -> tuple[Any, None]:
+                acc_total, acc_count, acc_grads = carry
+                (t, c), g = grads_of(state.params, mb)
+                return (acc_total + t, acc_count + c, jax.tree.map(jnp.add, acc_grads, g)), None
+
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            (total, count, grads), _ = jax.lax.scan(body, init, micro)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": total / denom,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+            "tokens": count_tokens(model_type, batch),
+            "loss_tokens": count,
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(
+    model: nn.Module, model_type: str, condition: str
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """``(params, batch) -> {"loss_sum", "loss_tokens"}`` for validation loss."""
+
+    def step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        total, count = loss_sums(model, model_type, params, batch, condition)
+        return {"loss_sum": total, "loss_tokens": count}
+
+    return step

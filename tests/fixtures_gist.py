@@ -1,0 +1,54 @@
+"""Shared pieces of the gist compression, store and decoding tests: tiny random LLaMA and
+T5 models with a gist token id (built once per session) and ragged examples
+``prompt, <GIST>*K, input[, EOS]`` with different prompt and input lengths."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import fixtures_llama as fxl
+import fixtures_t5 as fxt
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gist_jax.convert import llama as convert_llama
+from gist_jax.convert import t5 as convert_t5
+
+TOL = 1e-5
+K = 2
+# (prompt tokens before the gists, input tokens after them) per example.
+SPECS = [(3, 4), (9, 7), (1, 2), (6, 11), (12, 1), (4, 4)]
+MAX_NEW = 6
+
+
+def make_examples(gist_id: int, eos: list[int], seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for prompt_len, input_len in SPECS:
+        prompt = rng.integers(4, gist_id - 1, prompt_len).tolist()
+        inputs = rng.integers(4, gist_id - 1, input_len).tolist()
+        out.append(prompt + [gist_id] * K + inputs + eos)
+    return out
+
+
+@functools.cache
+def llama_model():
+    hf = fxl.make_hf_model("gqa_untied_linear_headdim_bias")
+    config = convert_llama.config_from_hf(hf.config.to_dict())
+    config = dataclasses.replace(config, gist_token_id=fxl.GIST_ID)
+    params = convert_llama.params_from_hf(fxl.hf_state_dict(hf), config)
+    return config, jax.tree.map(jnp.asarray, params)
+
+
+@functools.cache
+def t5_model():
+    hf = fxt.hf_model("v1_1")
+    config = convert_t5.config_from_hf(hf.config.to_dict())
+    config = dataclasses.replace(config, gist_token_id=fxt.GIST_ID)
+    params = convert_t5.params_from_hf(fxt.state_dict(hf), config)
+    return config, jax.tree.map(jnp.asarray, params)
+
+
+BATCH = 4  # several batches per call, with filler rows; every call shares the shapes
