@@ -8,6 +8,10 @@ uniform, finite softmax instead of NaN.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -122,3 +126,50 @@ def write_layer_cache(
     cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), start)
     cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), start)
     return cache_k, cache_v
+
+
+class HeadProjection(nn.Module):
+    """``[..., D] -> [..., heads, head_dim]`` with a ``[D, heads, head_dim]`` kernel.
+
+    Used instead of ``nn.DenseGeneral`` because DenseGeneral creates multi-axis kernels
+    flat (``[D, heads * head_dim]``) and reshapes them afterwards: under logical axis rules
+    the three-name partitioning of the initialiser is then applied to a rank-2 value and
+    tracing fails. Creating the kernel in its real shape keeps activation sharding
+    constraints usable; the parameter tree (``kernel``, ``bias``) is the same.
+    """
+
+    heads: int
+    head_dim: int
+    kernel_init: Callable[..., Any]
+    bias_init: Callable[..., Any] | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", self.kernel_init, (x.shape[-1], self.heads, self.head_dim), jnp.float32
+        )
+        y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_init is not None:
+            bias = self.param("bias", self.bias_init, (self.heads, self.head_dim), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class HeadMerge(nn.Module):
+    """``[..., heads, head_dim] -> [..., features]`` with a ``[heads, head_dim, features]``
+    kernel: the output projection counterpart of ``HeadProjection`` (same reason)."""
+
+    features: int
+    kernel_init: Callable[..., Any]
+    bias_init: Callable[..., Any] | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (*x.shape[-2:], self.features), jnp.float32)
+        y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_init is not None:
+            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y

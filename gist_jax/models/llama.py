@@ -40,7 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gist_jax.models.attention import KVCache, dot_product_attention, write_layer_cache
+from gist_jax.models.attention import (
+    HeadMerge,
+    HeadProjection,
+    KVCache,
+    dot_product_attention,
+    write_layer_cache,
+)
 
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -293,6 +299,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # Layers
 
 
+def _flat_tokens(x: jax.Array, keep: int = 1) -> jax.Array:
+    """``[B, L, ...]`` -> ``[B * L, ...]`` (the last ``keep`` axes kept): a free reshape.
+
+    Why: with 3-D activations, XLA:CPU lays out the weight gradient of a projection
+    (a contraction over both the batch and the length axis) as a transposed copy of the
+    output gradient plus a non-library dot; with the tokens flattened first it is one
+    ``[tokens, in]^T @ [tokens, out]`` matrix product. Same math, and on a 2-core CPU the
+    backward pass of a SwiGLU MLP gets ~30% faster (see gist_jax/benchmark).
+    """
+    return x.reshape(-1, *x.shape[x.ndim - keep :])
+
+
 def _init(config: LlamaConfig, axes: tuple[str, ...]) -> Any:
     return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes)
 
@@ -339,20 +357,23 @@ class Attention(nn.Module):
         cfg = self.config
         dtype = cfg.compute_dtype
 
-        def proj(heads: int, head_axis: str, name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                features=(heads, cfg.head_dim),
-                use_bias=cfg.attention_bias,
-                dtype=dtype,
-                param_dtype=jnp.float32,
+        def proj(heads: int, head_axis: str, name: str) -> HeadProjection:
+            return HeadProjection(
+                heads=heads,
+                head_dim=cfg.head_dim,
                 kernel_init=_init(cfg, ("embed", head_axis, "head_dim")),
-                bias_init=_zeros((head_axis, "head_dim")),
+                bias_init=_zeros((head_axis, "head_dim")) if cfg.attention_bias else None,
+                dtype=dtype,
                 name=name,
             )
 
-        q = proj(cfg.num_attention_heads, "heads", "q_proj")(x)
-        k = proj(cfg.num_key_value_heads, "kv_heads", "k_proj")(x)
-        v = proj(cfg.num_key_value_heads, "kv_heads", "v_proj")(x)
+        batch, length = x.shape[:2]
+        # Projections see a [tokens, D] matrix (see `_flat_tokens`); heads are split after.
+        tokens = _flat_tokens(x)
+        q = proj(cfg.num_attention_heads, "heads", "q_proj")(tokens)
+        k = proj(cfg.num_key_value_heads, "kv_heads", "k_proj")(tokens)
+        v = proj(cfg.num_key_value_heads, "kv_heads", "v_proj")(tokens)
+        q, k, v = (t.reshape(batch, length, *t.shape[1:]) for t in (q, k, v))
         cos, sin = rope
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
@@ -363,17 +384,14 @@ class Attention(nn.Module):
             new_kv = (cache_k, cache_v)
             k, v = cache_k.astype(dtype), cache_v.astype(dtype)
         out = dot_product_attention(q, k, v, mask)
-        out = nn.DenseGeneral(
+        out = HeadMerge(
             features=cfg.hidden_size,
-            axis=(-2, -1),
-            use_bias=cfg.attention_bias,
-            dtype=dtype,
-            param_dtype=jnp.float32,
             kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
-            bias_init=_zeros(("embed",)),
+            bias_init=_zeros(("embed",)) if cfg.attention_bias else None,
+            dtype=dtype,
             name="o_proj",
-        )(out)
-        return out, new_kv
+        )(_flat_tokens(out, keep=2))
+        return out.reshape(batch, length, cfg.hidden_size), new_kv
 
 
 class MLP(nn.Module):
@@ -396,10 +414,14 @@ class MLP(nn.Module):
                 name=name,
             )
 
-        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)
+        shape = x.shape
+        tokens = _flat_tokens(x)
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(tokens)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(tokens)
+        h = (nn.silu(gate) * up).reshape(*shape[:-1], cfg.intermediate_size)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        out = dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(_flat_tokens(h))
+        return out.reshape(shape)
 
 
 class DecoderLayer(nn.Module):

@@ -57,7 +57,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gist_jax.models.attention import KVCache, dot_product_attention, write_layer_cache
+from gist_jax.models.attention import (
+    HeadMerge,
+    HeadProjection,
+    KVCache,
+    dot_product_attention,
+    write_layer_cache,
+)
 
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
@@ -379,13 +385,12 @@ class Attention(nn.Module):
         cfg = self.config
         f, d, h, dk = cfg.initializer_factor, cfg.d_model, cfg.num_heads, cfg.d_kv
 
-        def proj(std: float, name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                features=(h, dk),
-                use_bias=False,
-                dtype=cfg.compute_dtype,
-                param_dtype=jnp.float32,
+        def proj(std: float, name: str) -> HeadProjection:
+            return HeadProjection(
+                heads=h,
+                head_dim=dk,
                 kernel_init=_normal(std, ("embed", "heads", "head_dim")),
+                dtype=cfg.compute_dtype,
                 name=name,
             )
 
@@ -393,13 +398,10 @@ class Attention(nn.Module):
         self.q = proj(f * (d * dk) ** -0.5, "q")
         self.k = proj(f * d**-0.5, "k")
         self.v = proj(f * d**-0.5, "v")
-        self.o = nn.DenseGeneral(
+        self.o = HeadMerge(
             features=d,
-            axis=(-2, -1),
-            use_bias=False,
-            dtype=cfg.compute_dtype,
-            param_dtype=jnp.float32,
             kernel_init=_normal(f * (h * dk) ** -0.5, ("heads", "head_dim", "embed")),
+            dtype=cfg.compute_dtype,
             name="o",
         )
 
