@@ -16,6 +16,16 @@ property of the global example stream (identical on every process), so one copy 
 
 Restoring passes abstract arrays carrying the *current* shardings, so a checkpoint written
 on 4 devices restores on 2 or 8 (orbax/tensorstore re-slices the stored arrays).
+
+Crash safety (tested by killing real runs, see docs/reliability.md): orbax writes a step
+under ``<step>.orbax-checkpoint-tmp`` and renames it when every file is written, and only
+integer-named directories count as checkpoints, so a run killed mid-save leaves a temporary
+directory that is ignored and removed at the next start (``cleanup``, for the writer).
+Old checkpoints beyond ``keep`` are first renamed into ``checkpoints/.deleting/`` and only
+then deleted, so a kill during a deletion never leaves a half-deleted ``<step>`` that a
+restore would pick. ``restore_latest`` restores the newest checkpoint and, should it be
+unreadable all the same (storage corruption), moves it aside as
+``<step>.unreadable-<time>`` and falls back to the one before.
 """
 
 from __future__ import annotations
@@ -24,13 +34,16 @@ import json
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
+# Where orbax moves checkpoints beyond `keep` before we delete them (atomic rename first).
+DELETING_DIR = ".deleting"
 MODEL_CONFIG_FILE = "model_config.json"
 # Fields of a model config that may change between runs on the same workdir: they change
 # how the model is run, not its parameters. (scan_layers is not one: it changes the layout.)
@@ -39,6 +52,10 @@ RESUMABLE_RUNTIME_FIELDS = ("dtype", "remat")
 
 class CheckpointError(ValueError):
     """A workdir or checkpoint that cannot be used for this run; the message says why."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint whose files cannot be read (as opposed to one of another model)."""
 
 
 def check_workdir_writable(workdir: str | os.PathLike) -> pathlib.Path:
@@ -127,6 +144,8 @@ def export_model(
     from gist_jax.convert import common
 
     out = pathlib.Path(out_dir).absolute()
+    # A fixed name (every process must write to the same directory); a stale one from a
+    # killed export is removed first.
     tmp = out.with_name(f".{out.name}.tmp")
     primary = jax.process_index() == 0
     multi = jax.process_count() > 1
@@ -139,9 +158,7 @@ def export_model(
         (tmp / common.MODEL_CONFIG_FILE).write_text(json.dumps(dict(model_config), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / common.TOKENIZER_DIR))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        common.replace_directory(tmp, out)
     if multi:
         multihost_utils.sync_global_devices("gist_jax:export:done")
     return out
@@ -155,7 +172,13 @@ class Checkpointer:
         workdir: str | os.PathLike,
         keep: int | None = 3,
         async_save: bool = True,
+        cleanup: bool = False,
     ) -> None:
+        """``cleanup``: this is the run that writes the checkpoints; remove what an earlier,
+        killed run left (temporary step directories, the deletion area). Never set it in
+        a reader (evaluation) that may run beside a training run: it would delete the
+        checkpoint the trainer is writing."""
+        self._cleanup = cleanup
         self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep and keep > 0 else None,
@@ -163,6 +186,9 @@ class Checkpointer:
             # We decide when to save (every N steps, at the end, on SIGTERM).
             save_interval_steps=1,
             create=True,
+            # Crash safety, see the module docstring.
+            cleanup_tmp_directories=cleanup,
+            todelete_subdir=DELETING_DIR,
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -172,6 +198,18 @@ class Checkpointer:
                 "data": ocp.JsonCheckpointHandler(),
             },
         )
+
+        self._empty_deleting()
+
+    def _empty_deleting(self) -> None:
+        """Delete what orbax moved into ``.deleting`` (process 0; orbax's deleter also only
+        acts there). Called at start, after each save and at close, by the writer."""
+        if not self._cleanup or jax.process_index() != 0:
+            return
+        root = self.directory / DELETING_DIR
+        if root.is_dir():
+            for path in root.iterdir():
+                shutil.rmtree(path, ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -188,14 +226,17 @@ class Checkpointer:
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(dict(data_state or {})),
         )
-        return self._manager.save(step, args=args, force=True)
+        saved = self._manager.save(step, args=args, force=True)
+        # The previous save, and its deletions, finished before this one started.
+        self._empty_deleting()
+        return saved
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
         """Raise ``CheckpointError`` listing the param arrays whose shapes differ."""
         try:
             saved = self._manager.item_metadata(step)["state"]
         except Exception as err:  # orbax raises several types for unreadable metadata
-            raise CheckpointError(
+            raise UnreadableCheckpointError(
                 f"{self.directory}/{step}: unreadable checkpoint ({err})"
             ) from err
         saved_tree = getattr(saved, "tree", saved)
@@ -224,12 +265,57 @@ class Checkpointer:
                     data=ocp.args.JsonRestore(),
                 ),
             )
+        except json.JSONDecodeError as err:  # the data state file is cut short
+            raise UnreadableCheckpointError(
+                f"{self.directory}/{step}: unreadable data iterator state ({err})"
+            ) from err
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(
                 f"cannot restore {self.directory}/{step} into this run's train state (same "
                 f"model, but a different optimizer state layout?): {err}"
             ) from err
         return restored.state, dict(restored.data or {})
+
+    def restore_latest(
+        self, abstract_state: Any, warn: Callable[[str], None] = print
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(step, state, data_state)`` from the newest checkpoint that can be restored, or
+        None when there is none.
+
+        A checkpoint of another model is an error (``CheckpointError``), never skipped. One
+        that cannot be read (a file cut short or missing: storage corruption, since orbax
+        only ever shows finished checkpoints) is moved aside as ``<step>.unreadable-<time>``
+        with a ``warn``ing and the previous one is tried. With several processes that is
+        an error instead (they could disagree about which step they read): the message
+        says how to move the checkpoint aside by hand.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, data_state = self.restore(abstract_state, step)
+                return step, state, data_state
+            except UnreadableCheckpointError as err:
+                self._set_aside(step, err, warn)
+            except CheckpointError:
+                raise
+            except Exception as err:  # tensorstore/orbax/json raise many types
+                self._set_aside(step, err, warn)
+        return None
+
+    def _set_aside(self, step: int, err: Exception, warn: Callable[[str], None]) -> None:
+        reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+        if jax.process_count() > 1:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} cannot be restored ({reason}); to resume "
+                f"from the previous checkpoint, move it aside: mv {self.directory}/{step} "
+                f"{self.directory}/{step}.unreadable"
+            ) from err
+        aside = self.directory / f"{step}.unreadable-{int(time.time())}"
+        os.rename(self.directory / str(step), aside)
+        self._manager.reload()
+        warn(
+            f"warning: checkpoint {step} cannot be restored ({reason}); moved it to "
+            f"{aside.name}, resuming from the checkpoint before it"
+        )
 
     def wait(self) -> None:
         """Block until pending asynchronous saves have been committed."""
@@ -238,3 +324,4 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+        self._empty_deleting()

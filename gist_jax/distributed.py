@@ -16,16 +16,27 @@ Where the coordinates come from, first match wins:
    ``launch/tpu_pod.sh`` uses this.
 6. Otherwise a single process; nothing is initialised.
 
-Timeouts (seconds, passed to ``jax.distributed.initialize``):
+Timeouts (seconds, passed to ``jax.distributed.initialize``; ``gist-train`` flags
+``--initialization_timeout_s``, ``--heartbeat_timeout_s``, ``--shutdown_timeout_s``):
 
 * ``initialization_timeout`` 300: how long processes wait for each other to start
   (covers staggered ``gcloud ... ssh --worker=all`` / ``srun`` start-up).
-* ``heartbeat_timeout`` 100: a process that has not been heard from for this long is
-  declared dead and the others fail instead of hanging in a collective forever. Heartbeats
-  come from a background thread, so long compilations or checkpoint writes do not trip it.
-* ``shutdown_timeout`` 120: at exit every process waits at a barrier for the others
-  (the last async checkpoint may still be writing); a crashed peer then costs at most
-  two minutes rather than JAX's default five.
+* ``heartbeat_timeout`` 30 (JAX's default is 100): a process not heard from for this long
+  is declared dead and every other process is terminated by the runtime instead of
+  hanging. It bounds how long a dead process can go unnoticed (a survivor blocked in a
+  collective usually notices at once: the connection to the dead peer is reset). Heartbeats
+  come from a background thread, so long compilations or checkpoint writes do not trip it;
+  raise it on clusters whose hosts can stall longer (see docs/reliability.md).
+* ``shutdown_timeout`` 120: at a normal exit every process waits at a barrier for the
+  others (the last async checkpoint may still be writing); a crashed peer is detected by
+  the heartbeat long before that.
+
+Failing fast: ``fail_fast`` (called by ``gist-train`` for any error in a multi-process run)
+prints which process stopped and why, and exits at once with status 1. Without it the
+process would wait at JAX's shutdown barrier for peers that are blocked in a collective
+with it, and the whole job would hang until the timeouts ran out. ``check_same`` compares
+a set of values (the resolved config) across processes at start-up, so a process started
+with a different config or mesh stops every process with a message naming the keys.
 
 CPU runs use gloo for cross-process collectives (``jax_cpu_collectives_implementation``);
 without it CPU computations cannot span processes.
@@ -34,14 +45,20 @@ without it CPU computations cannot span processes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
+import sys
+import traceback
 from collections.abc import Mapping
+from typing import NoReturn
 
 import jax
+import numpy as np
 
 INITIALIZATION_TIMEOUT_S = 300
-HEARTBEAT_TIMEOUT_S = 100
+HEARTBEAT_TIMEOUT_S = 30
 SHUTDOWN_TIMEOUT_S = 120
 MODES = ("detect", "auto", "none")
 
@@ -153,9 +170,20 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     mode: str = "detect",
+    initialization_timeout_s: int = INITIALIZATION_TIMEOUT_S,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+    shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S,
 ) -> ProcessSpec | str | None:
     """Initialise JAX's distributed runtime when this is one of several processes; must run
-    before the first device query. Returns what ``resolve`` decided (``None``: single)."""
+    before the first device query. Returns what ``resolve`` decided (``None``: single).
+    The timeouts are explained in the module docstring."""
+    for name, value in (
+        ("initialization_timeout_s", initialization_timeout_s),
+        ("heartbeat_timeout_s", heartbeat_timeout_s),
+        ("shutdown_timeout_s", shutdown_timeout_s),
+    ):
+        if value < 1:
+            raise ValueError(f"{name}={value}: must be >= 1 second")
     spec = resolve(coordinator_address, num_processes, process_id, mode)
     if spec is None:
         return None
@@ -163,9 +191,9 @@ def initialize(
         return spec
     _use_cpu_collectives()
     timeouts = dict(
-        initialization_timeout=INITIALIZATION_TIMEOUT_S,
-        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
-        shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
+        initialization_timeout=int(initialization_timeout_s),
+        heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+        shutdown_timeout_seconds=int(shutdown_timeout_s),
     )
     if spec == "auto":
         jax.distributed.initialize(**timeouts)
@@ -181,3 +209,104 @@ def initialize(
         **timeouts,
     )
     return spec
+
+
+# ---------------------------------------------------------------------------------------
+# Consistency and failure
+
+
+class ProcessMismatchError(ValueError):
+    """The processes of one run were started with different settings."""
+
+
+def _hash32(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _allgather(values: np.ndarray) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def check_same(values: Mapping[str, str], what: str = "configs") -> None:
+    """Raise ``ProcessMismatchError`` on every process unless all processes passed equal
+    ``values`` (``key -> text``); the message names each differing key with every
+    process's value. Collective: all processes must call it. A no-op in one process."""
+    count = jax.process_count()
+    if count == 1:
+        return
+    me = f"process {jax.process_index()} of {count}"
+    keys = sorted(values)
+    heads = _allgather(np.asarray([_hash32("\n".join(keys)), len(keys)], np.int32))
+    if not (heads == heads[0]).all():
+        raise ProcessMismatchError(
+            f"{me}: the processes of this run have different sets of {what} keys (different "
+            "gist_jax versions?); start every process from the same code"
+        )
+    hashes = _allgather(np.asarray([_hash32(values[k]) for k in keys], np.int32))
+    differ = [k for j, k in enumerate(keys) if not (hashes[:, j] == hashes[0, j]).all()]
+    if not differ:
+        return
+    # Gather the differing values themselves (as UTF-8 bytes) to name them.
+    blob = np.frombuffer(json.dumps([values[k] for k in differ]).encode(), np.uint8)
+    sizes = _allgather(np.asarray([blob.size], np.int32))[:, 0]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    blobs = _allgather(padded)
+    per_process = [json.loads(bytes(blobs[p, : sizes[p]]).decode()) for p in range(count)]
+    details = "; ".join(
+        f"{key}: " + ", ".join(f"process {p}: {per_process[p][i]}" for p in range(count))
+        for i, key in enumerate(differ)
+    )
+    raise ProcessMismatchError(
+        f"{me}: the processes of this run were started with different {what}: {details}. "
+        "Start every process with the same --config file and overrides."
+    )
+
+
+# Substrings of runtime errors that mean "a peer process is gone" (collectives over gloo,
+# NCCL or ICI, or JAX's coordination service).
+_PEER_LOST = (
+    "connection reset",
+    "connection closed",
+    "connection refused",
+    "broken pipe",
+    "gloo",
+    "nccl",
+    "heartbeat",
+    "unhealthy",
+    "coordination service",
+    "deadline_exceeded",
+    "unavailable",
+)
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` looks like the loss of another process of the run."""
+    text = f"{type(err).__name__}: {err}".lower()
+    return any(marker in text for marker in _PEER_LOST)
+
+
+def failure_message(err: BaseException, program: str = "gist-train") -> str:
+    """One paragraph saying which process stops and why."""
+    me = f"process {jax.process_index()} of {jax.process_count()}"
+    first = (str(err).strip().splitlines() or [""])[0][:500]
+    if is_peer_failure(err):
+        return (
+            f"{program}: {me}: lost contact with another process of this run (it crashed, "
+            f"was killed or preempted; its log has the cause): {type(err).__name__}: {first}. "
+            "Exiting now with status 1 instead of waiting for it."
+        )
+    return f"{program}: {me}: stopping: {type(err).__name__}: {first}. Exiting with status 1."
+
+
+def fail_fast(err: BaseException, program: str = "gist-train") -> NoReturn:
+    """Report ``err`` and end this process at once with status 1, skipping JAX's shutdown
+    barrier (peers stuck in a collective with this process would otherwise keep it, and
+    themselves, waiting until the distributed runtime's timeouts expire)."""
+    if not is_peer_failure(err):
+        traceback.print_exception(err, file=sys.stderr)
+    print(failure_message(err, program), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)

@@ -10,8 +10,13 @@ orbax writes each process's shards of the checkpoints.
 
 A run in an existing workdir resumes exactly from its latest checkpoint: step, params,
 optimizer state, RNG and the data iterator position are restored, so the losses that
-follow are the ones an uninterrupted run would have produced. SIGTERM (preemption) saves
-a checkpoint at the current step and exits with status 0.
+follow are the ones an uninterrupted run would have produced (``metrics.jsonl`` is cut back
+to the restored step, so redone steps are logged once). SIGTERM (preemption) saves a
+checkpoint at the current step and exits with status 0. A step with a non-finite loss or
+gradient is skipped and logged; ``train.max_nonfinite_steps`` of them in a row stop the run
+(``NonFiniteError``). In a multi-process run the processes first check that they were all
+started with the same config, and any error makes the process exit at once (status 1) so
+that the others fail fast instead of hanging. See docs/reliability.md.
 
 ``train_and_evaluate(config, workdir)`` is the library entry point; ``main`` only parses
 flags. Outputs in the workdir: ``model_config.json``, ``metrics.jsonl``, ``tensorboard/``,
@@ -24,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import math
 import pathlib
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +55,7 @@ from gist_jax import train_state as ts
 from gist_jax import train_step as tstep
 from gist_jax.convert import common
 from gist_jax.models import registry
-from gist_jax.train_logging import MetricsLogger
+from gist_jax.train_logging import MetricsLogger, read_metrics
 
 # ---------------------------------------------------------------------------------------
 # Model and tokenizer
@@ -299,6 +306,10 @@ class EvalContext:
 EvalHook = Callable[[EvalContext], Mapping[str, float]]
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient; the run stopped."""
+
+
 @dataclasses.dataclass
 class TrainResult:
     """How a call of ``train_and_evaluate`` ended."""
@@ -423,9 +434,11 @@ def evaluate_loss(
 
 def _summarise(pending: list[dict[str, Any]], elapsed: float, steps_timed: int) -> dict[str, float]:
     values = jax.device_get(pending)
-    loss_tokens = sum(float(v["loss_tokens"]) for v in values)
+    # Skipped (non-finite) steps are counted, not averaged in.
+    good = [v for v in values if not float(v.get("nonfinite", 0.0))]
+    loss_tokens = sum(float(v["loss_tokens"]) for v in good)
     # The interval's loss: mean over all its loss tokens (= the step's loss for one step).
-    loss = sum(float(v["loss"]) * float(v["loss_tokens"]) for v in values) / max(loss_tokens, 1.0)
+    loss = sum(float(v["loss"]) * float(v["loss_tokens"]) for v in good) / max(loss_tokens, 1.0)
     last = values[-1]
     tokens = sum(float(v["tokens"]) for v in values[-steps_timed:]) if steps_timed else 0.0
     return {
@@ -436,7 +449,93 @@ def _summarise(pending: list[dict[str, Any]], elapsed: float, steps_timed: int) 
         "loss_tokens": loss_tokens,
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "step_time_s": elapsed / steps_timed if steps_timed else 0.0,
+        "skipped": float(len(values) - len(good)),
     }
+
+
+def _eval_due(config: ml_collections.ConfigDict, step: int, total_steps: int) -> bool:
+    """Whether the loop evaluates at ``step`` (always before that step's checkpoint)."""
+    every = config.train.eval_every
+    return step == total_steps or bool(every and step % every == 0)
+
+
+class NonFiniteGuard:
+    """Watches the steps' ``nonfinite`` flags (the step itself already skipped the update):
+    logs each such step and raises ``NonFiniteError`` after ``limit`` in a row.
+
+    Flags are read with a lag (``check(upto=step - 1)`` after dispatching ``step``) so the
+    device always has the next step queued; checkpoints and logs check up to their step.
+    """
+
+    def __init__(self, limit: int, checkpointer: ckpt_lib.Checkpointer, logger: MetricsLogger):
+        self.limit = limit
+        self.consecutive = 0
+        self._first = 0
+        self._pending: list[tuple[int, dict[str, Any]]] = []
+        self._checkpointer = checkpointer
+        self._logger = logger
+
+    def add(self, step: int, metrics: dict[str, Any]) -> None:
+        self._pending.append((step, metrics))
+
+    def check(self, upto: int) -> int:
+        """Process the flags of steps ``<= upto``; returns the current run of bad steps."""
+        ready = [(s, m) for s, m in self._pending if s <= upto]
+        if not ready:
+            return self.consecutive
+        self._pending = [(s, m) for s, m in self._pending if s > upto]
+        flags = jax.device_get([m["nonfinite"] for _, m in ready])
+        for (step, metrics), flag in zip(ready, flags, strict=True):
+            if not float(flag):
+                self.consecutive = 0
+                continue
+            self.consecutive += 1
+            self._first = step if self.consecutive == 1 else self._first
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            self._logger.log(
+                step,
+                {
+                    "loss": values["loss"],
+                    "grad_norm": values["grad_norm"],
+                    "lr": values["lr"],
+                    "consecutive": self.consecutive,
+                },
+                kind="nonfinite",
+            )
+            self._logger.message(
+                f"step {step}: loss {values['loss']} / gradient norm {values['grad_norm']}: "
+                f"not finite, update skipped ({self.consecutive} in a row; the run stops at "
+                f"train.max_nonfinite_steps={self.limit})"
+            )
+            if self.consecutive >= self.limit:
+                self._stop(step)
+        return self.consecutive
+
+    def _stop(self, step: int) -> None:
+        self._checkpointer.wait()
+        last = self._checkpointer.latest_step()
+        kept = (
+            f"the last good checkpoint: step {last} in {self._checkpointer.directory}"
+            if last is not None
+            else "no checkpoint was written before them"
+        )
+        raise NonFiniteError(
+            f"steps {self._first}-{step}: loss or gradient not finite {self.consecutive} times "
+            f"in a row (train.max_nonfinite_steps={self.limit}); none of these updates was "
+            f"applied and {kept}. Lower train.lr, check the data around these steps, or "
+            "raise train.max_nonfinite_steps to ride it out."
+        )
+
+
+def _flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train.lr": "0.0001", ...}``: every leaf of a (nested) config as JSON text."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True, default=repr)
+    return flat
 
 
 def train_and_evaluate(
@@ -455,8 +554,34 @@ def train_and_evaluate(
         in ``config.eval.hooks``; their metrics are logged with it.
       stop_at_step: behave as if SIGTERM arrived at this step (save, return preempted).
       progress_bar: show the tqdm bar (process 0).
+
+    Raises ``NonFiniteError`` after ``train.max_nonfinite_steps`` consecutive non-finite
+    steps, and ``ConfigError``, ``MeshError``, ``CheckpointError``, ``DataFormatError``,
+    ``distributed.ProcessMismatchError`` for bad input, before anything is written.
     """
-    started = time.monotonic()
+    # SIGTERM from here on means "save at the current step and stop" (during set-up too).
+    stop = StopSignal(stop_at_step)
+    try:
+        return _train_and_evaluate(
+            config, workdir, devices, eval_hooks, stop, progress_bar, time.monotonic()
+        )
+    finally:
+        stop.close()
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    devices: Sequence[Any] | None,
+    eval_hooks: Sequence[EvalHook],
+    stop: StopSignal,
+    progress_bar: bool,
+    started: float,
+) -> TrainResult:
+    # Processes started with different configs stop here, naming the keys that differ.
+    distributed.check_same(
+        {**_flat_config(config.to_dict()), "workdir": json.dumps(str(workdir))}, "configs"
+    )
     # Everything that can be checked without touching the workdir is checked first.
     train_config.validate(config)
     primary = jax.process_index() == 0
@@ -469,12 +594,16 @@ def train_and_evaluate(
     loaded = load_model(config)
     eval_hooks = [*load_eval_hooks(config), *eval_hooks]
     model_config_dict = loaded.config.to_dict()
+    distributed.check_same(_flat_config(model_config_dict, "model_config."), "model configs")
     ckpt_lib.check_model_config(workdir, model_config_dict, write=False)
-    checkpointer = ckpt_lib.Checkpointer(
-        workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint
-    )
-    latest = checkpointer.latest_step()
+    # Data before the checkpoint directory: a bad data file leaves nothing behind.
     data_setup = build_data(config, loaded, mesh)
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir,
+        keep=config.train.keep_checkpoints,
+        async_save=config.train.async_checkpoint,
+        cleanup=True,
+    )
     total_steps = total_steps_of(config, data_setup.train.batches_per_epoch(0))
 
     module, model_config = loaded.module, loaded.config
@@ -497,10 +626,23 @@ def train_and_evaluate(
     shardings = ts.state_shardings(abstract, logical_axes, mesh, optimizer)
     target = ts.with_shardings(abstract, shardings)
 
+    # State: resume (from the newest checkpoint that restores), pretrained params, or
+    # random init; all created directly sharded.
+    warnings: list[str] = []
+    restored = checkpointer.restore_latest(target, warn=warnings.append)
+    latest = None if restored is None else restored[0]
     start_step = 0 if latest is None else latest
+    # The log continues from start_step: records of steps about to be redone are removed.
     logger = MetricsLogger(
         workdir, total_steps, start_step, enabled=primary, progress_bar=progress_bar
     )
+    for line in warnings:
+        logger.message(line)
+    if logger.removed_records:
+        logger.message(
+            f"metrics.jsonl: removed {logger.removed_records} record(s) after step {start_step} "
+            "(steps to be redone, or a line cut short by a crash)"
+        )
     if primary:
         ckpt_lib.check_model_config(workdir, model_config_dict, write=True)
     logger.message(
@@ -510,9 +652,8 @@ def train_and_evaluate(
     for line in data_setup.reports:
         logger.message(f"data: {line}")
 
-    # State: resume, pretrained params, or random init; all created directly sharded.
-    if latest is not None:
-        state, data_state = checkpointer.restore(target, latest)
+    if restored is not None:
+        _, state, data_state = restored
         data_setup.train.restore(data_state)
         logger.message(f"resumed from {checkpointer.directory}/{latest}")
     elif loaded.checkpoint_dir is not None:
@@ -543,6 +684,7 @@ def train_and_evaluate(
             schedule,
             condition,
             config.train.grad_accum,
+            tuple(config.train.inject_nonfinite_steps),
         ),
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, shd.replicated(mesh)),
@@ -567,13 +709,20 @@ def train_and_evaluate(
             logger.log(step, metrics, kind="eval")
         return metrics
 
-    stop = StopSignal(stop_at_step)
     step = int(jax.device_get(state.step))
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
+    # The evaluation due at a step runs before that step's checkpoint is written, so a run
+    # resumed from a checkpoint has had it (it is in metrics.jsonl) and must not redo it.
     last_eval_step = -1
+    if latest is not None and _eval_due(config, latest, total_steps):
+        last_eval_step = latest
+        if primary:
+            logged = [r for r in read_metrics(workdir, "eval") if r["step"] == latest]
+            last_eval = {k: v for k, v in (logged[-1] if logged else {}).items() if "/" in k}
     preempted = False
     export_dir = None
+    guard = NonFiniteGuard(config.train.max_nonfinite_steps, checkpointer, logger)
     try:
         with jax.set_mesh(mesh):
             rules = _probe_rules(
@@ -599,6 +748,9 @@ def train_and_evaluate(
                     state, metrics = step_fn(state, batch)
                     step += 1
                     pending.append(metrics)
+                    # The previous step's flag, so that the device keeps one step queued.
+                    guard.check(upto=step - 1)
+                    guard.add(step, metrics)
                     if step == start_step + 1:
                         # The first step includes compilation: time from its end.
                         jax.block_until_ready(metrics)
@@ -611,18 +763,24 @@ def train_and_evaluate(
                         timed += 1
                     if step % config.train.log_every == 0 or step == total_steps:
                         jax.block_until_ready(metrics)
+                        guard.check(upto=step)
                         last_train = _summarise(pending, time.monotonic() - timer, timed)
                         last_train["eta_s"] = last_train["step_time_s"] * (total_steps - step)
                         logger.log(step, last_train)
                         pending, timer, timed = [], time.monotonic(), 0
                     if config.train.eval_every and step % config.train.eval_every == 0:
                         last_eval, last_eval_step = run_eval(step), step
-                    if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+                    # Not in the middle of a run of skipped steps: if it turns into a stop,
+                    # the checkpoint to resume from is the one before it.
+                    every = config.train.checkpoint_every
+                    if every and step % every == 0 and guard.check(upto=step) == 0:
                         checkpointer.save(step, state, data_setup.train.state)
-                # Final (or preemption) checkpoint; skipped if this step is already saved.
-                checkpointer.save(step, state, data_setup.train.state)
+                guard.check(upto=step)
+                # The final evaluation comes before the final checkpoint (see last_eval_step).
                 if not preempted and last_eval_step != step:
                     last_eval = run_eval(step)
+                # Final (or preemption) checkpoint; skipped if this step is already saved.
+                checkpointer.save(step, state, data_setup.train.state)
             checkpointer.wait()
             if preempted:
                 logger.message(f"stopped at step {step} (SIGTERM); checkpoint saved")
@@ -632,7 +790,6 @@ def train_and_evaluate(
                 )
                 logger.message(f"exported the trained model to {export_dir}")
     finally:
-        stop.close()
         checkpointer.close()
         logger.close()
     return TrainResult(
@@ -659,6 +816,22 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout_s",
+    distributed.INITIALIZATION_TIMEOUT_S,
+    "Multi-process: seconds to wait for every process to join.",
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s",
+    distributed.HEARTBEAT_TIMEOUT_S,
+    "Multi-process: a process not heard from for this long is declared dead and the others "
+    "stop (docs/reliability.md).",
+)
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout_s",
+    distributed.SHUTDOWN_TIMEOUT_S,
+    "Multi-process: seconds to wait for the others at a normal exit.",
+)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
     "detect",
@@ -666,6 +839,20 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "detect: flags, JAX_* env or SLURM; auto: let JAX detect the cluster (TPU pods); "
     "none: single process.",
 )
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the whole story (bad input, a stopped run)."""
+    from gist_jax.data.alpaca import DataFormatError
+
+    return (
+        train_config.ConfigError,
+        shd.MeshError,
+        ckpt_lib.CheckpointError,
+        common.ConversionError,
+        DataFormatError,
+        NonFiniteError,
+    )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -677,9 +864,23 @@ def main(argv: Sequence[str]) -> None:
         # orbax logs every save step at INFO; keep the console for the progress bar.
         absl_logging.set_verbosity(absl_logging.WARNING)
     distributed.initialize(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        _DISTRIBUTED.value,
+        initialization_timeout_s=_INIT_TIMEOUT.value,
+        heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+        shutdown_timeout_s=_SHUTDOWN_TIMEOUT.value,
     )
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except Exception as err:
+        if jax.process_count() > 1:
+            # Exit now: the other processes then fail fast too (see distributed.fail_fast).
+            distributed.fail_fast(err)
+        if isinstance(err, _user_errors()):
+            sys.exit(f"gist-train: error: {err}")  # the message says it all; no traceback
+        raise
     if jax.process_index() == 0:
         state = "preempted" if result.preempted else "done"
         print(f"{state} at step {result.step}/{result.total_steps}; workdir {result.workdir}")

@@ -19,6 +19,8 @@ Sections:
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from gist_jax import gist
@@ -84,6 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 100  # 0: only at the end (and on SIGTERM)
     c.train.keep_checkpoints = 2
     c.train.async_checkpoint = True
+    # A step whose loss or gradient is NaN/inf (or whose update would make a parameter
+    # non-finite) is not applied; this many such steps in a row stop the run with an error,
+    # keeping the last checkpoint written before them.
+    c.train.max_nonfinite_steps = 5
+    # Fault injection for tests: steps (1 = the first update) whose loss is made NaN.
+    c.train.inject_nonfinite_steps = ()
     c.train.export = True  # write WORKDIR/export (a converted checkpoint dir) at the end
 
     c.mesh = ml_collections.ConfigDict()
@@ -117,6 +125,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     t, d, m = config.train, config.data, config.model
     need(t.lr > 0, "train.lr", "the learning rate must be > 0")
+    need(math.isfinite(t.lr), "train.lr", "the learning rate must be finite")
+    need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(
+        all(isinstance(s, int) and s >= 1 for s in t.inject_nonfinite_steps),
+        "train.inject_nonfinite_steps",
+        "expected step numbers >= 1",
+    )
     need(t.steps >= 0, "train.steps", "must be >= 0")
     need(t.steps > 0 or t.epochs > 0, "train.epochs", "set train.steps or train.epochs > 0")
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")

@@ -4,6 +4,11 @@ and TensorBoard event files in ``WORKDIR/tensorboard``.
 
 Only process 0 writes anything; the others get a logger whose methods do nothing, so the
 training loop calls it unconditionally.
+
+A run that resumes from the checkpoint at step S continues the log from S: records after
+S (written by the crashed or preempted run for steps it is about to redo) and a last line
+cut short by a kill are removed first, and TensorBoard hides its events after S
+(``purge_step``), so every step appears once, as in an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -30,13 +35,62 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _parse_lines(text: str) -> tuple[list[dict[str, Any]], int]:
+    """Records of a JSON-lines text and the number of lines that are not valid JSON (a line
+    cut short by a kill, or one being written right now)."""
+    records, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    return records, bad
+
+
 def read_metrics(workdir: str | os.PathLike, kind: str | None = "train") -> list[dict[str, Any]]:
-    """The records of ``WORKDIR/metrics.jsonl`` (of one ``kind``: "train" / "eval" / ...)."""
+    """The records of ``WORKDIR/metrics.jsonl`` (of one ``kind``: "train" / "eval" / ...);
+    an incomplete line is skipped."""
     path = pathlib.Path(workdir) / METRICS_FILE
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, _ = _parse_lines(path.read_text())
     return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def truncate_metrics(workdir: str | os.PathLike, step: int) -> int:
+    """Keep only the records of ``WORKDIR/metrics.jsonl`` up to ``step`` (and drop lines
+    that are not valid JSON); rewritten atomically. Returns how many lines were removed."""
+    path = pathlib.Path(workdir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    records, bad = _parse_lines(path.read_text())
+    kept = [r for r in records if int(r.get("step", 0)) <= step]
+    removed = len(records) - len(kept) + bad
+    if removed:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    return removed
+
+
+def _summary_writer_class() -> Any:
+    """tensorboardX's ``SummaryWriter``. tensorboardX imports torch, which takes seconds, only
+    to accept torch tensors; we log Python floats, so unless torch is loaded already it is
+    hidden during the import (every restart of a preempted run pays this start-up time)."""
+    import sys
+
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` now fails fast
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsLogger:
@@ -51,6 +105,7 @@ class MetricsLogger:
         progress_bar: bool = True,
     ) -> None:
         self.enabled = enabled
+        self.removed_records = 0
         self.total_steps = total_steps
         self._start_step = start_step
         self._start_time = time.monotonic()
@@ -61,10 +116,12 @@ class MetricsLogger:
         if not enabled:
             return
         workdir = pathlib.Path(workdir)
+        # Continue the log from the step this run starts at (see the module docstring).
+        self.removed_records = truncate_metrics(workdir, start_step)
         self._file = open(workdir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115 (long-lived)
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(str(workdir / TENSORBOARD_DIR))
+        self._tb = _summary_writer_class()(
+            str(workdir / TENSORBOARD_DIR), purge_step=start_step + 1
+        )
         # Created at the first train record, so start-up messages print as plain lines.
         self._want_bar = progress_bar
 

@@ -6,6 +6,12 @@ positions, segments and gist spans with ``gist_jax.gist`` (decoder-only:
 ``decoder_self_mask``; T5: ``encoder_self_mask``, a causal ``decoder_self_mask`` without
 gist span, and ``cross_mask``), so one code path covers padded and packed batches.
 
+A step whose loss or gradient is not finite, or whose update would make a parameter
+non-finite, is not applied: the new params and optimizer state are selected against the
+old ones inside the jitted step (``jnp.where`` on one is-finite flag, so nothing leaves
+the device), only the step counter advances, and ``metrics["nonfinite"]`` is 1 so the loop
+can log it and stop after too many in a row.
+
 Gradient accumulation scans over ``grad_accum`` micro-batches and sums *token-summed*
 losses and gradients, dividing by the total number of loss tokens once at the end; the
 update is therefore the same as with one big batch (up to float summation order). Micro-
@@ -15,12 +21,13 @@ every micro-batch and no rows move between devices.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gist_jax import gist
@@ -139,14 +146,24 @@ def make_train_step(
     schedule: optax.Schedule,
     condition: str,
     grad_accum: int = 1,
+    inject_nonfinite_steps: Sequence[int] = (),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The (unjitted) step ``(state, batch) -> (new_state, metrics)``; ``metrics`` holds
     ``loss`` (mean over loss tokens), ``grad_norm`` (before clipping), ``lr`` (the rate this
-    update used), ``tokens`` (non-padding) and ``loss_tokens``."""
+    update used), ``tokens`` (non-padding), ``loss_tokens`` and ``nonfinite`` (1 when the
+    update was skipped, see the module docstring).
 
-    def grads_of(params: Any, micro: Batch) -> tuple[tuple[jax.Array, jax.Array], Any]:
+    ``inject_nonfinite_steps``: fault injection for tests, steps (1 = first update) whose
+    loss is multiplied by NaN; adds nothing to the program when empty."""
+    poisoned = np.asarray(sorted(inject_nonfinite_steps), np.int32)
+
+    def grads_of(
+        params: Any, micro: Batch, step: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], Any]:
         def f(p: Any) -> tuple[jax.Array, jax.Array]:
             total, count = loss_sums(model, model_type, p, micro, condition)
+            if inject_nonfinite_steps:
+                total = total * jnp.where(jnp.isin(step + 1, poisoned), jnp.nan, 1.0)
             return total, count
 
         (total, count), grads = jax.value_and_grad(f, has_aux=True)(params)
@@ -154,14 +171,14 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         if grad_accum == 1:
-            (total, count), grads = grads_of(state.params, batch)
+            (total, count), grads = grads_of(state.params, batch, state.step)
         else:
             micro = _split_micro(batch, grad_accum)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
 
             def body(carry: Any, mb: Batch) -> tuple[Any, None]:
                 acc_total, acc_count, acc_grads = carry
-                (t, c), g = grads_of(state.params, mb)
+                (t, c), g = grads_of(state.params, mb, state.step)
                 return (acc_total + t, acc_count + c, jax.tree.map(jnp.add, acc_grads, g)), None
 
             init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
@@ -170,17 +187,36 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = total / denom, optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+        # Keep the old params and optimizer state (e.g. Adam moments) for a bad step.
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, opt_state),
+            (state.params, state.opt_state),
+        )
         metrics = {
-            "loss": total / denom,
-            "grad_norm": optax.global_norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "tokens": count_tokens(model_type, batch),
             "loss_tokens": count,
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
     return step
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """True when every element of every (floating) leaf is finite."""
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def make_eval_step(
