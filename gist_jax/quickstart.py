@@ -1,0 +1,500 @@
+"""The quickstart: one command that shows gisting working end to end on one CPU.
+
+    python -m gist_jax.quickstart --workdir=workdirs/quickstart [--config=configs/quickstart.py]
+
+It (1) converts the bundled SmolLM2-135M-Instruct once (cached, see
+``gist_jax.convert.default_model``); (2) fine-tunes it with one gist token on the built-in
+synthetic instruction suite, and -- as in the paper, where the two controls are models of
+their own -- fine-tunes a ``pos_control`` model (no masking: the upper bound) and a
+``neg_control`` model (the instruction is hidden from everything after the gist: the lower
+bound) with the same recipe; (3) evaluates each model under its own condition on
+``validation_seen`` and ``validation_unseen`` (the gist model through compressed decoding:
+every instruction is compressed once into its gist token's key/value cache, and the input
+is decoded from that cache alone); (4) prints the ROUGE-L / exact-match table and the
+compression figures, writes plots, and exports the gist model as a Hugging Face directory.
+
+``quickstart.controls = "masked"`` (``--config.quickstart.controls=masked``) trains only
+the gist model and evaluates the controls by decoding that same model under the control
+masks: about three times faster, but not the paper's protocol (a model never trained
+without its instruction is a pessimistic lower bound; see docs/results.md).
+
+Workdir layout::
+
+    gist/, pos_control/, neg_control/   one training run each (gist_jax.train workdirs:
+                                        checkpoints, metrics.jsonl, export/)
+    results/                            metrics.json, results.md, predictions.jsonl,
+                                        compression.json, run.json, rouge_l.png,
+                                        compression.png (gist_jax.evaluate's files, merged),
+                                        families.{json,md} (per task family, synthetic data)
+    export_hf/                          the gist model as an HF directory (with <GIST>)
+    quickstart.json                     timings, settings and paths of this run
+
+Running the command again reuses finished training runs (their checkpoints) and redoes
+the evaluation and export. ``quickstart(config, workdir)`` is the library entry point.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from gist_jax import gist, train_config
+
+RESULTS_DIR = "results"
+EXPORT_HF_DIR = "export_hf"
+SUMMARY_FILE = "quickstart.json"
+FAMILIES_JSON = "families.json"  # per task family scores (synthetic suite)
+FAMILIES_MD = "families.md"
+CONTROL_MODES = ("trained", "masked")
+QUICKSTART_DEFAULTS: dict[str, Any] = dict(controls="trained", control_steps=0, export_hf=True)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The quickstart's training + evaluation config (what ``configs/quickstart.py`` returns).
+
+    Training is ``configs/default.py``'s recipe sized for the 20-minute CPU budget;
+    ``quickstart`` holds the settings that are not training's:
+
+    * ``controls``: "trained" (paper: separate pos/neg control models) or "masked"
+      (the gist model decoded under the control masks);
+    * ``control_steps``: training steps of each control model (0: ``train.steps``);
+    * ``eval_num_examples``: examples per evaluation split for generation;
+    * ``export_hf``: write ``WORKDIR/export_hf``.
+    """
+    c = train_config.base_config()
+    c.model.checkpoint = train_config.DEFAULT_MODEL
+    c.model.dtype = "float32"  # bf16 matmuls are slow on most CPUs
+    c.model.scan_layers = True  # 30 layers: one scanned layer compiles much faster
+    c.data.source = "synthetic"
+    c.data.num_gist_tokens = 1
+    c.data.condition = "gist"
+    c.data.max_length = 96
+    c.data.packing = True
+    c.data.bucket_multiple = 96
+    c.data.num_train_examples = 4000
+    c.train.steps = 80
+    c.train.batch_size = 8
+    c.train.lr = 1e-4
+    c.train.schedule = "cosine"
+    c.train.warmup = 0.05
+    c.train.weight_decay = 0.0
+    c.train.clip_norm = 1.0
+    c.train.log_every = 5
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 0
+    c.train.keep_checkpoints = 1
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    # One CPU device: activation sharding constraints would only add a probe and a warning.
+    c.mesh.constrain_activations = False
+    c.eval.splits = ("validation_seen", "validation_unseen")
+    c.eval.num_examples = 100
+    c.eval.batch_size = 16
+    c.eval.max_new_tokens = 40  # synthetic answers are at most ~30 tokens
+    c.eval.conditions = gist.CONDITIONS
+    c.quickstart = ml_collections.ConfigDict(QUICKSTART_DEFAULTS)
+    return c
+
+
+@dataclasses.dataclass
+class QuickstartResult:
+    """What one quickstart run produced."""
+
+    metrics: dict[str, dict[str, dict[str, float]]]  # split -> condition -> scores
+    compression: dict[str, dict[str, float]]  # split -> compression figures
+    seconds: dict[str, float]  # phase -> wall seconds (and "total")
+    train_dirs: dict[str, pathlib.Path]  # trained condition -> its training workdir
+    results_dir: pathlib.Path
+    export_hf: pathlib.Path | None
+    table: str  # the markdown tables that were printed
+
+
+def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the quickstart's extra keys added where missing, so any
+    training config (``configs/tiny_t5.py``, an Alpaca+ config) can be run through
+    ``quickstart``: ``quickstart.*`` from ``QUICKSTART_DEFAULTS``, ``eval.conditions`` all
+    three, ``eval.max_new_tokens`` 0 (= gist_jax.evaluate's default for the family)."""
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        if "quickstart" not in c:
+            c.quickstart = ml_collections.ConfigDict(QUICKSTART_DEFAULTS)
+        for key, value in QUICKSTART_DEFAULTS.items():
+            if key not in c.quickstart:
+                c.quickstart[key] = value
+        if "conditions" not in c.eval:
+            c.eval.conditions = gist.CONDITIONS
+        if "max_new_tokens" not in c.eval:
+            c.eval.max_new_tokens = 0
+    return c
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ``ConfigError`` for settings that cannot work, before any work is done."""
+    train_config.validate(config)
+    q = config.quickstart
+    problems = []
+    if not str(config.data.source):
+        problems.append(
+            "data.source='': set it to 'synthetic' or to a directory (or URL prefix) holding "
+            "alpaca_plus_{split}.json files, e.g. --config.data.source=/data/alpaca_plus"
+        )
+    unknown = [c for c in config.eval.conditions if c not in gist.CONDITIONS]
+    if unknown:
+        problems.append(
+            f"eval.conditions: unknown {unknown}; expected a subset of {gist.CONDITIONS}"
+        )
+    if q.controls not in CONTROL_MODES:
+        problems.append(f"quickstart.controls={q.controls!r}: expected one of {CONTROL_MODES}")
+    if q.control_steps < 0:
+        problems.append(f"quickstart.control_steps={q.control_steps}: must be >= 0")
+    if config.data.num_gist_tokens < 1:
+        problems.append(
+            f"data.num_gist_tokens={config.data.num_gist_tokens}: the quickstart compares "
+            "gist tokens with the controls, k must be >= 1"
+        )
+    if config.data.condition != "gist":
+        problems.append(
+            f"data.condition={config.data.condition!r}: the quickstart trains the gist model "
+            "itself (and the controls, see quickstart.controls); leave it at 'gist'"
+        )
+    if not config.eval.splits:
+        problems.append("eval.splits is empty: nothing to evaluate")
+    if problems:
+        raise train_config.ConfigError("invalid quickstart config:\n  " + "\n  ".join(problems))
+
+
+def training_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """Condition -> the training config of its model (the gist model first)."""
+    q = config.quickstart
+    trained = gist.CONDITIONS if q.controls == "trained" else ("gist",)
+    out = {}
+    for condition in trained:
+        c = copy.deepcopy(config)
+        with c.unlocked():
+            del c["quickstart"]
+            c.data.condition = condition
+            # Generation (below) is the evaluation; no validation-loss passes while training.
+            c.eval.splits = ()
+            if condition != "gist" and q.control_steps:
+                c.train.steps = q.control_steps
+        out[condition] = c
+    return out
+
+
+def evaluated_conditions(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
+    """Trained condition -> the conditions its model is evaluated under."""
+    wanted = tuple(config.eval.conditions)
+    if config.quickstart.controls == "trained":
+        return {c: (c,) for c in gist.CONDITIONS if c in wanted}
+    return {"gist": wanted}
+
+
+def merge_reports(reports: Sequence[Any], order: Sequence[str] = gist.CONDITIONS) -> Any:
+    """One ``evaluate.EvalReport`` from several (one per trained model): metrics per split
+    in condition order, predictions concatenated, compression from the first (the
+    figures depend only on the model config and the prompts), runs kept per model."""
+    from gist_jax.evaluate import EvalReport
+
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    for report in reports:
+        for split, by_condition in report.metrics.items():
+            metrics.setdefault(split, {}).update(by_condition)
+    for split, by_condition in metrics.items():
+        metrics[split] = {c: by_condition[c] for c in order if c in by_condition}
+    compilations: dict[str, int] = {}
+    for report in reports:
+        for name, count in report.run["compilations"].items():
+            compilations[name] = compilations.get(name, 0) + count
+    run = {
+        "step": reports[0].run["step"],
+        "seconds": sum(r.run["seconds"] for r in reports),
+        "compilations": compilations,
+        "models": [r.run for r in reports],
+    }
+    predictions = [p for r in reports for p in r.predictions]
+    return EvalReport(metrics, predictions, reports[0].compression, run)
+
+
+def gap_recovered(
+    metrics: Mapping[str, Mapping[str, Mapping[str, float]]], split: str, key: str = "rougeL"
+) -> float:
+    """The share of the pos_control - neg_control gap in ``key`` that gist recovers, in %:
+    ``100 * (gist - neg) / (pos - neg)``; NaN unless pos_control beats neg_control by at
+    least one point (otherwise the controls do not bracket anything)."""
+    m = metrics[split]
+    pos, neg, g = m["pos_control"][key], m["neg_control"][key], m["gist"][key]
+    return 100.0 * (g - neg) / (pos - neg) if pos - neg >= 1.0 else float("nan")
+
+
+def family_scores(
+    predictions: Sequence[Mapping[str, Any]],
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """``split -> task family -> condition -> {"rougeL", "exact_match", "n"}`` for splits
+    whose examples name their family (the synthetic suite's ``task``); other splits are
+    left out. Shows which families each condition solves, which the split means hide."""
+    from gist_jax import metrics as text_metrics
+
+    task_of = {
+        (name, ex["instruction"], ex["input"]): ex["task"]
+        for name, examples in splits.items()
+        for ex in examples
+        if "task" in ex
+    }
+    grouped: dict[str, dict[str, dict[str, list[Mapping[str, Any]]]]] = {}
+    for p in predictions:
+        task = task_of.get((p["split"], p["instruction"], p["input"]))
+        if task is not None:
+            grouped.setdefault(p["split"], {}).setdefault(task, {}).setdefault(
+                p["condition"], []
+            ).append(p)
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for split, by_task in grouped.items():
+        out[split] = {}
+        for task in sorted(by_task):
+            out[split][task] = {}
+            for condition in gist.CONDITIONS:
+                rows = by_task[task].get(condition)
+                if not rows:
+                    continue
+                preds = [r["prediction"] for r in rows]
+                refs = [r["reference"] for r in rows]
+                out[split][task][condition] = {
+                    "rougeL": text_metrics.rouge_l(preds, refs),
+                    "exact_match": text_metrics.exact_match(preds, refs),
+                    "n": len(rows),
+                }
+    return out
+
+
+def family_markdown(families: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> str:
+    """Exact match (ROUGE-L) per task family and condition, one table per split."""
+    lines = []
+    for split, by_task in families.items():
+        conditions = [c for c in gist.CONDITIONS if any(c in v for v in by_task.values())]
+        lines += [
+            f"### {split}: exact match (ROUGE-L) per task family",
+            "",
+            "| family | n | " + " | ".join(conditions) + " |",
+            "|---|---|" + "---|" * len(conditions),
+        ]
+        for task, by_condition in by_task.items():
+            n = next(iter(by_condition.values()))["n"]
+            cells = [
+                f"{by_condition[c]['exact_match']:.0f} ({by_condition[c]['rougeL']:.0f})"
+                if c in by_condition
+                else "-"
+                for c in conditions
+            ]
+            lines.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary_lines(report: Any, seconds: Mapping[str, float]) -> list[str]:
+    """Plain-text lines printed after the tables: compression and the gap recovered."""
+    lines = []
+    for split, c in report.compression.items():
+        lines.append(
+            f"{split}: {c['distinct_prompts']} distinct instructions, "
+            f"{c['mean_prompt_tokens']:.1f} prompt tokens -> {c['num_gist_tokens']} gist "
+            f"token(s) ({c['compression_ratio']:.1f}x); cache per prompt "
+            f"{c['prompt_cache_bytes_per_prompt'] / 1024:.0f} KiB -> "
+            f"{c['gist_cache_bytes_per_prompt'] / 1024:.0f} KiB"
+        )
+    if all(
+        condition in by_condition
+        for by_condition in report.metrics.values()
+        for condition in gist.CONDITIONS
+    ):
+        for split in report.metrics:
+            parts = []
+            for key, name in (("rougeL", "ROUGE-L"), ("exact_match", "exact match")):
+                share = gap_recovered(report.metrics, split, key)
+                parts.append(
+                    f"{share:.0f}% of the {name} gap"
+                    if share == share  # not NaN
+                    else f"no {name} gap (pos_control is not above neg_control)"
+                )
+            lines.append(
+                f"{split}: gist recovers {' and '.join(parts)} between neg_control and pos_control"
+            )
+    lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    return lines
+
+
+def _length(config: ml_collections.ConfigDict) -> str:
+    t = config.train
+    return f"{t.steps} steps" if t.steps > 0 else f"{t.epochs:g} epochs"
+
+
+def _say(text: str, progress: bool) -> None:
+    if progress:
+        print(text, flush=True)
+
+
+def quickstart(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    progress: bool = True,
+    devices: Sequence[Any] | None = None,
+) -> QuickstartResult:
+    """Convert (if needed), train, evaluate, report and export; see the module docstring.
+
+    Args:
+      config: ``default_config()`` or any training config with the same extra keys
+        (``eval.max_new_tokens``, ``eval.conditions``, ``quickstart.*``); tests pass a tiny
+        random-init model.
+      workdir: where everything goes (created; finished training runs are reused).
+      progress: progress bars and messages on the console.
+      devices: the devices to train on (default all).
+    """
+    from gist_jax import evaluate, train
+    from gist_jax.convert.to_hf import convert_to_hf
+    from gist_jax.models import registry
+
+    config = prepare_config(config)
+    check_config(config)
+    started = time.monotonic()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    if config.model.checkpoint == train_config.DEFAULT_MODEL:
+        from gist_jax.convert.default_model import ensure_default_model
+
+        t0 = time.monotonic()
+        _say("[1/4] the bundled SmolLM2-135M-Instruct (converted once, then cached)", progress)
+        _, ckpt_dir = ensure_default_model(progress=progress)
+        _say(f"      {ckpt_dir}", progress)
+        seconds["convert"] = time.monotonic() - t0
+
+    train_dirs: dict[str, pathlib.Path] = {}
+    exports: dict[str, pathlib.Path] = {}
+    steps: dict[str, int] = {}
+    configs = training_configs(config)
+    for i, (condition, c) in enumerate(configs.items()):
+        t0 = time.monotonic()
+        _say(
+            f"[2/4] training the {condition} model ({i + 1}/{len(configs)}): "
+            f"{_length(c)} of {c.train.batch_size} rows, k={c.data.num_gist_tokens}",
+            progress,
+        )
+        result = train.train_and_evaluate(
+            c, workdir / condition, devices=devices, progress_bar=progress
+        )
+        if result.export_dir is None:
+            raise RuntimeError(f"training the {condition} model stopped early at {result.step}")
+        train_dirs[condition] = result.workdir
+        exports[condition] = result.export_dir
+        steps[condition] = result.step
+        seconds[f"train_{condition}"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    splits = evaluate.load_splits(config)
+    settings = evaluate.settings_from_config(config)
+    reports = []
+    for trained, conditions in evaluated_conditions(config).items():
+        _say(
+            f"[3/4] evaluating the {trained} model under {', '.join(conditions)} on "
+            f"{', '.join(f'{s} ({len(e)})' for s, e in splits.items())}",
+            progress,
+        )
+        model_config, params, tokenizer = registry.load_checkpoint(exports[trained])
+        settings["conditions"] = conditions
+        reports.append(
+            evaluate.run_evaluation(
+                model_config,
+                params,
+                tokenizer,
+                splits,
+                step=steps[trained],
+                **settings,
+            )
+        )
+        del params
+    report = merge_reports(reports)
+    results_dir = evaluate.write_report(report, workdir / RESULTS_DIR)
+    families = family_scores(report.predictions, splits)
+    if families:
+        (results_dir / FAMILIES_JSON).write_text(json.dumps(families, indent=2) + "\n")
+        (results_dir / FAMILIES_MD).write_text(family_markdown(families))
+    seconds["evaluate"] = time.monotonic() - t0
+
+    export_hf = None
+    if config.quickstart.export_hf:
+        t0 = time.monotonic()
+        _say("[4/4] exporting the gist model to a Hugging Face directory", progress)
+        export_hf = convert_to_hf(exports["gist"], workdir / EXPORT_HF_DIR, overwrite=True)
+        seconds["export_hf"] = time.monotonic() - t0
+    seconds["total"] = time.monotonic() - started
+
+    table = evaluate.markdown_tables(report)
+    lines = summary_lines(report, seconds)
+    _say("\n" + table + "\n" + "\n".join(lines), progress)
+    _say(f"\nresults: {results_dir}  (rouge_l.png, compression.png, results.md)", progress)
+    if export_hf is not None:
+        _say(f"HF export: {export_hf}", progress)
+    summary = {
+        "seconds": seconds,
+        "metrics": report.metrics,
+        "compression": report.compression,
+        "train_dirs": {k: str(v) for k, v in train_dirs.items()},
+        "results_dir": str(results_dir),
+        "export_hf": str(export_hf) if export_hf else None,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return QuickstartResult(
+        metrics=report.metrics,
+        compression=report.compression,
+        seconds=seconds,
+        train_dirs=train_dirs,
+        results_dir=results_dir,
+        export_hf=export_hf,
+        table=table,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Command line (--config and --workdir are gist_jax.train's flags)
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    from gist_jax import train  # noqa: F401  (defines --config and --workdir)
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if not f.workdir:
+        raise app.UsageError("--workdir is required")
+    if not f["verbosity"].present:
+        # orbax logs every save at INFO; keep the console for the progress bars.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    config = f.config if f.config is not None else default_config()
+    quickstart(config, f.workdir)
+
+
+def run() -> None:
+    """Console script entry point (``gist-quickstart``)."""
+    from absl import app
+
+    from gist_jax import train  # noqa: F401  (defines --config and --workdir)
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,231 @@
+"""The quickstart pipeline end to end on a tiny random-init LLaMA (the same code path as
+``python -m gist_jax.quickstart`` with the bundled model, minus the conversion): three
+short training runs (gist and the paper's two controls, each with its own mask), generation
+on two synthetic splits under each model's condition (gist through compressed decoding),
+the merged report, and the Hugging Face export reloaded with ``transformers``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from gist_jax import evaluate, gist, quickstart, train_config
+from gist_jax.models import llama, registry
+from gist_jax.train_logging import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SPLITS = ("validation_seen", "validation_unseen")
+N = 4
+
+
+def _tiny_llama() -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("tiny_llama", REPO / "configs" / "tiny_llama.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """The quickstart config with configs/tiny_llama.py's model and a few steps."""
+    c = quickstart.default_config()
+    tiny = _tiny_llama()
+    c.model.checkpoint = train_config.RANDOM_INIT
+    c.model.tokenizer = tiny.model.tokenizer
+    c.model.init = tiny.model.init
+    c.model.scan_layers = False
+    c.data.max_length = 64
+    c.data.bucket_multiple = 64
+    c.data.num_train_examples = 200
+    c.train.steps = 3
+    c.train.batch_size = 8  # divisible by the 8 test devices (fsdp)
+    c.train.lr = 3e-3
+    c.train.warmup = 1
+    c.train.log_every = 1
+    c.eval.num_examples = N
+    c.eval.batch_size = 8  # training checks it against the 8 devices too
+    c.eval.max_new_tokens = 6
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("quickstart") / "run"
+    config = tiny_config()
+    result = quickstart.quickstart(config, workdir, progress=False)
+    return config, workdir, result
+
+
+def test_three_models_each_trained_with_its_mask(trained):
+    _, workdir, result = trained
+    assert list(result.train_dirs) == list(gist.CONDITIONS)
+    first_losses = []
+    for condition, run_dir in result.train_dirs.items():
+        assert run_dir == workdir / condition
+        records = read_metrics(run_dir)
+        assert [r["step"] for r in records] == [1, 2, 3], condition
+        first_losses.append(records[0]["loss"])
+        assert (run_dir / "export" / "model_config.json").is_file()
+    # Same init, same first batch: only the mask differs, so the first losses must too.
+    print("first-step losses (gist, pos, neg):", first_losses)
+    assert len({round(x, 6) for x in first_losses}) == 3, first_losses
+
+
+def test_report_has_every_split_and_condition(trained):
+    _, workdir, result = trained
+    assert list(result.metrics) == list(SPLITS)
+    for by_condition in result.metrics.values():
+        assert list(by_condition) == list(gist.CONDITIONS)
+        for scores in by_condition.values():
+            assert scores["n"] == N and 0 <= scores["rougeL"] <= 100
+    out = result.results_dir
+    assert out == workdir / quickstart.RESULTS_DIR
+    assert json.loads((out / "metrics.json").read_text()) == result.metrics
+    for name in ("rouge_l.png", "compression.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    predictions = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == len(SPLITS) * len(gist.CONDITIONS) * N
+    assert "| neg_control |" in result.table and "gist cache bytes" in result.table
+    for split in SPLITS:
+        c = result.compression[split]
+        assert c["num_gist_tokens"] == 1 and c["mean_prompt_tokens"] > 1
+        assert c["gist_cache_bytes_per_prompt"] < c["prompt_cache_bytes_per_prompt"]
+    summary = json.loads((workdir / quickstart.SUMMARY_FILE).read_text())
+    assert summary["metrics"] == result.metrics
+    assert set(summary["seconds"]) >= {"train_gist", "evaluate", "export_hf", "total"}
+
+
+def test_each_condition_is_scored_on_its_own_model(trained):
+    """The merged table's pos_control / neg_control rows are those models' own scores (and
+    the gist row the gist model's, decoded through compression)."""
+    config, _, result = trained
+    splits = evaluate.load_splits(config)
+    settings = evaluate.settings_from_config(config)
+    for condition, run_dir in result.train_dirs.items():
+        model_config, params, tokenizer = registry.load_checkpoint(run_dir / "export")
+        settings["conditions"] = (condition,)
+        report = evaluate.run_evaluation(model_config, params, tokenizer, splits, **settings)
+        for split in SPLITS:
+            assert report.metrics[split][condition] == result.metrics[split][condition]
+
+
+def test_hf_export_reloads_with_transformers(trained):
+    """The exported directory is the trained gist model: transformers loads it without
+    missing keys and reproduces gist_jax's logits under the gist mask."""
+    import torch  # noqa: F401  (transformers' model classes need it)
+    from fixtures_llama import torch_logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, result = trained
+    config, params, tokenizer = registry.load_checkpoint(result.train_dirs["gist"] / "export")
+    hf_tok = AutoTokenizer.from_pretrained(result.export_hf)
+    assert hf_tok.convert_tokens_to_ids("<GIST>") == config.gist_token_id
+    model, info = AutoModelForCausalLM.from_pretrained(
+        result.export_hf, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model.eval()
+
+    from gist_jax import data
+
+    examples = data.load_examples("synthetic", "validation_unseen", num_examples=3)[0]
+    encoded, _ = data.encode_decoder_examples(examples, tokenizer, 1, 64)
+    rows = [np.concatenate([e.prompt, e.completion]) for e in encoded]
+    length = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), length), np.int32)
+    positions = np.full((len(rows), length), -1, np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        positions[i, : len(r)] = np.arange(len(r))
+    first, last = gist.gist_spans(np.where(positions >= 0, ids, -1), config.gist_token_id)
+    assert (first >= 0).all()
+    mask = np.asarray(gist.decoder_self_mask(positions, positions, first, last, "gist"))
+    ours = np.asarray(llama.build_model(config).apply({"params": params}, ids, positions, mask)[0])
+    theirs = torch_logits(model, ids, positions, bool_mask=mask)
+    valid = positions >= 0
+    diff = np.abs(ours[valid] - theirs[valid]).max()
+    print(f"exported model vs gist_jax, gist mask: max abs logit diff {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_masked_controls_reuse_the_trained_gist_model(trained):
+    """controls="masked" on the same workdir: the finished gist run is reused (no new
+    steps), and all three conditions are decoded from that one model; its gist scores are
+    the trained run's."""
+    _, workdir, first = trained
+    masked = tiny_config()
+    masked.quickstart.controls = "masked"
+    masked.quickstart.export_hf = False
+    result = quickstart.quickstart(masked, workdir, progress=False)
+    assert list(result.train_dirs) == ["gist"]
+    assert [r["step"] for r in read_metrics(workdir / "gist")] == [1, 2, 3]
+    for split in SPLITS:
+        assert list(result.metrics[split]) == list(gist.CONDITIONS)
+        assert result.metrics[split]["gist"] == first.metrics[split]["gist"]
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("quickstart.controls", "both", "quickstart.controls='both'"),
+        ("quickstart.control_steps", -1, "quickstart.control_steps=-1"),
+        ("data.num_gist_tokens", 0, "data.num_gist_tokens=0"),
+        ("data.condition", "pos_control", "data.condition='pos_control'"),
+        ("train.lr", 0.0, "train.lr=0.0"),
+    ],
+)
+def test_bad_config_fails_before_any_work(tmp_path, key, value, message):
+    config = tiny_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(train_config.ConfigError, match=message.replace("(", r"\(")):
+        quickstart.quickstart(config, tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_gap_recovered():
+    def m(pos, g, neg):
+        return {
+            "s": {
+                "pos_control": {"rougeL": pos},
+                "gist": {"rougeL": g},
+                "neg_control": {"rougeL": neg},
+            }
+        }
+
+    assert quickstart.gap_recovered(m(60.0, 50.0, 20.0), "s") == pytest.approx(75.0)
+    assert quickstart.gap_recovered(m(60.0, 65.0, 20.0), "s") == pytest.approx(112.5)
+    assert np.isnan(quickstart.gap_recovered(m(29.2, 25.1, 28.6), "s"))  # controls tie
+
+
+def test_cli_requires_workdir():
+    proc = subprocess.run(
+        [sys.executable, "-m", "gist_jax.quickstart"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "--workdir is required" in proc.stderr
+
+
+def test_default_config_is_the_documented_one():
+    c = quickstart.default_config()
+    train_config.validate(c)
+    quickstart.check_config(c)
+    assert c.model.checkpoint == train_config.DEFAULT_MODEL and c.data.source == "synthetic"
+    assert c.data.num_gist_tokens == 1 and c.quickstart.controls == "trained"
+    assert tuple(c.eval.splits) == SPLITS
+    spec = importlib.util.spec_from_file_location("qs", REPO / "configs" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.get_config().to_dict() == c.to_dict()
+    assert jax.device_count() == 8  # conftest's forced devices: training runs on a real mesh
