@@ -372,16 +372,24 @@ def _llama_generate(
                 end=jnp.asarray(n_prefix, jnp.int32),
             )
 
-        def forward(ids: jax.Array, pos: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        def forward(
+            ids: jax.Array, pos: jax.Array, cache: KVCache, logits_at: jax.Array | None = None
+        ) -> tuple[jax.Array, KVCache]:
             mask = gist.decoder_self_mask(
                 pos, cache.positions_after_append(pos), first, last, opts.condition
             )
-            return model.apply({"params": params}, ids, pos, mask, cache)
+            return model.apply({"params": params}, ids, pos, mask, cache, logits_at=logits_at)
 
-        logits, cache = forward(input_ids, positions, cache)
         real = jnp.sum(positions >= 0, axis=1)
         last_index = jnp.maximum(real - 1, 0)
-        first_logits = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0]
+        if opts.return_logits:
+            logits, cache = forward(input_ids, positions, cache)
+            first_logits = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0]
+        else:
+            # Only the last prompt token's logits: the output layer over every prompt
+            # token would be a fifth of the prefill's FLOPs with a 49k vocabulary.
+            logits, cache = forward(input_ids, positions, cache, logits_at=last_index)
+            first_logits = logits[:, 0]
         next_pos = jnp.take_along_axis(positions, last_index[:, None], axis=1)[:, 0] + 1
 
         def step(ids: jax.Array, pos: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:

@@ -14,7 +14,9 @@ Call contract::
 boolean ``[B, 1, Q, K]`` mask from ``gist_jax.gist`` (the model never builds masks from
 token ids); with a ``KVCache`` the call writes its ``Q`` new keys (already rotated) and
 values at ``cache.end`` and attends over the whole cache. Params are float32; ``dtype``
-is the compute dtype; logits are always float32.
+is the compute dtype; logits are always float32. The optional keyword ``logits_at``
+(``int32[B]``) returns only the logits of that query position per row, ``[B, 1, V]``
+(a prefill needs just the last prompt token's; this skips most of the output layer).
 
 Parameter tree (names mirror the HF state dict, so conversion is renames and
 transposes)::
@@ -46,6 +48,7 @@ from gist_jax.models.attention import (
     KVCache,
     dot_product_attention,
     write_layer_cache,
+    write_stacked_cache,
 )
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -341,9 +344,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE and an optional per-layer cache slice."""
+    """Grouped-query self-attention with RoPE and an optional cache: a per-layer slice
+    ``[B, S, KVH, D]`` (``cache_layer`` None, as under ``nn.scan``) or the whole stacked
+    ``[layers, B, S, KVH, D]`` cache of which this is layer ``cache_layer`` (unrolled
+    layers; see ``attention.write_stacked_cache`` for why)."""
 
     config: LlamaConfig
+    cache_layer: int | None = None
 
     @nn.compact
     def __call__(
@@ -380,8 +387,12 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
         new_kv = None
         if kv is not None:
-            cache_k, cache_v = write_layer_cache(kv[0], kv[1], end, k, v)
-            new_kv = (cache_k, cache_v)
+            if self.cache_layer is None:
+                new_kv = write_layer_cache(kv[0], kv[1], end, k, v)
+                cache_k, cache_v = new_kv
+            else:
+                new_kv = write_stacked_cache(kv[0], kv[1], self.cache_layer, end, k, v)
+                cache_k, cache_v = new_kv[0][self.cache_layer], new_kv[1][self.cache_layer]
             k, v = cache_k.astype(dtype), cache_v.astype(dtype)
         out = dot_product_attention(q, k, v, mask)
         out = HeadMerge(
@@ -426,9 +437,11 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block. Signature fits ``nn.scan``: the hidden state is the carry,
-    the per-layer cache slice is the scanned input/output."""
+    the per-layer cache slice is the scanned input/output. Unrolled, ``cache_layer`` says
+    which layer of the whole stacked cache ``kv`` is this one's (see ``Attention``)."""
 
     config: LlamaConfig
+    cache_layer: int | None = None
 
     @nn.compact
     def __call__(
@@ -441,7 +454,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
         x = RMSNorm(cfg, name="input_layernorm")(hidden)
-        attn, new_kv = Attention(cfg, name="self_attn")(x, rope, mask, kv, end)
+        attn, new_kv = Attention(cfg, self.cache_layer, name="self_attn")(x, rope, mask, kv, end)
         hidden = hidden + attn
         x = RMSNorm(cfg, name="post_attention_layernorm")(hidden)
         hidden = hidden + MLP(cfg, name="mlp")(x)
@@ -496,6 +509,7 @@ class LlamaForCausalLM(nn.Module):
         positions: jax.Array,
         mask: jax.Array,
         cache: KVCache | None = None,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         dtype = cfg.compute_dtype
@@ -525,16 +539,14 @@ class LlamaForCausalLM(nn.Module):
             kv = None if cache is None else (cache.k, cache.v)
             hidden, new_kv = scanned(cfg, name="layers")(hidden, rope, mask, kv, end)
         else:
-            new_k = None if cache is None else cache.k
-            new_v = None if cache is None else cache.v
+            # Each layer writes its new keys/values into the stacked cache itself.
+            new_kv = None if cache is None else (cache.k, cache.v)
             for i in range(cfg.num_hidden_layers):
-                kv = None if cache is None else (new_k[i], new_v[i])
-                hidden, layer_kv = layer_cls(cfg, name=f"layers_{i}")(hidden, rope, mask, kv, end)
-                if cache is not None:
-                    new_k = new_k.at[i].set(layer_kv[0])
-                    new_v = new_v.at[i].set(layer_kv[1])
-            new_kv = None if cache is None else (new_k, new_v)
+                layer = layer_cls(cfg, cache_layer=i, name=f"layers_{i}")
+                hidden, new_kv = layer(hidden, rope, mask, new_kv, end)
 
+        if logits_at is not None:
+            hidden = jnp.take_along_axis(hidden, logits_at[:, None, None].astype(jnp.int32), axis=1)
         hidden = RMSNorm(cfg, name="norm")(hidden)
         if cfg.tie_word_embeddings:
             # [V, D] embedding used as the output projection.
