@@ -59,23 +59,19 @@ def combine(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[s
                     rows[control] = by_condition[control]
     ordered = {}
     for split, rows in table.items():
-        names = (
-            ["pos_control"]
-            + [n for n in rows if n.startswith("gist")]
-            + ["neg_control"]
-        )
+        names = ["pos_control"] + [n for n in rows if n.startswith("gist")] + ["neg_control"]
         ordered[split] = {n: rows[n] for n in names if n in rows}
     return ordered
 
 
 def gap_recovered(rows: Mapping[str, Mapping[str, float]], row: str, key: str = "rougeL") -> float:
-    """``100 * (row - neg) / (pos - neg)``; NaN without both controls or a positive gap."""
+    """The share (%) of the pos-neg gap in ``key`` that ``row`` recovers
+    (``quickstart.gap_recovered``); NaN without both controls or a gap of a point."""
+    from gist_jax.quickstart import gap_recovered as share
+
     if not all(c in rows for c in CONTROLS):
         return math.nan
-    pos, neg = rows["pos_control"][key], rows["neg_control"][key]
-    if pos - neg <= 0:
-        return math.nan
-    return 100.0 * (rows[row][key] - neg) / (pos - neg)
+    return share({"split": {**rows, "gist": rows[row]}}, "split", key)
 
 
 def markdown_table(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:

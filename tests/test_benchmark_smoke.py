@@ -16,7 +16,9 @@ from gist_jax.benchmark.__main__ import MEASUREMENTS, BenchOptions, run_benchmar
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, pathlib.Path]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    opts = BenchOptions(model="tiny", quick=True, out=str(out), markdown=str(out.with_suffix(".md")))
+    opts = BenchOptions(
+        model="tiny", quick=True, out=str(out), markdown=str(out.with_suffix(".md"))
+    )
     return run_benchmarks(opts, echo=lambda _: None), out
 
 

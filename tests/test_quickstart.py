@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gist_jax import evaluate, gist, quickstart, train_config
+from gist_jax import evaluate, gist, quickstart, replication, train_config
 from gist_jax.models import llama, registry
 from gist_jax.train_logging import read_metrics
 
@@ -229,3 +229,45 @@ def test_default_config_is_the_documented_one():
     spec.loader.exec_module(module)
     assert module.get_config().to_dict() == c.to_dict()
     assert jax.device_count() == 8  # conftest's forced devices: training runs on a real mesh
+
+
+def test_replication_report_over_k(trained, tmp_path):
+    """The replication pipeline on the tiny config: a k=2 gist-only run beside the k=1 run
+    with trained controls, combined into the paper-format table, gap shares and plots."""
+    _, workdir, first = trained
+    k2 = tiny_config()
+    k2.data.num_gist_tokens = 2
+    k2.quickstart.controls = "masked"
+    k2.quickstart.export_hf = False
+    k2.eval.conditions = ("gist",)
+    second = quickstart.quickstart(k2, tmp_path / "k2", progress=False)
+    assert list(second.train_dirs) == ["gist"]
+
+    out = tmp_path / "report"
+    text = replication.write_report(
+        replication.parse_runs([f"k1={workdir}", f"k2={tmp_path / 'k2'}"]), out
+    )
+    saved = json.loads((out / "results.json").read_text())
+    for split in SPLITS:
+        rows = saved["table"][split]
+        assert list(rows) == ["pos_control", "gist (k=1)", "gist (k=2)", "neg_control"]
+        assert rows["gist (k=1)"] == first.metrics[split]["gist"]
+        assert rows["gist (k=2)"] == second.metrics[split]["gist"]
+        assert rows["neg_control"] == first.metrics[split]["neg_control"]
+    assert "| gist (k=2) |" in text and (out / "table.md").read_text() == text
+    for name in ("training_curves.png", "rouge_l.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="LABEL=WORKDIR"):
+        replication.parse_runs(["k1"])
+    with pytest.raises(FileNotFoundError, match="not a finished quickstart workdir"):
+        replication.load_run(tmp_path / "missing")
+
+
+def test_replication_gap_share():
+    rows = {
+        "pos_control": {"rougeL": 60.0},
+        "gist (k=1)": {"rougeL": 50.0},
+        "neg_control": {"rougeL": 20.0},
+    }
+    assert replication.gap_recovered(rows, "gist (k=1)") == pytest.approx(75.0)
+    assert np.isnan(replication.gap_recovered({"gist (k=1)": {"rougeL": 1.0}}, "gist (k=1)"))

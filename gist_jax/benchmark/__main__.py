@@ -169,7 +169,6 @@ def run_benchmarks(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                 batch_length=32 if quick else 128,
                 pack_batch_size=2 if quick else 8,
                 pack_length=128,  # tiny-tokenizer examples are long: 64 fits one
-
                 num_batches=1 if quick else 3,
                 reps=opts.scaling_reps,
                 warmup=opts.warmup,
@@ -263,7 +262,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("new_tokens", d.new_tokens, "Decode: generated tokens.")
     flags.DEFINE_integer("gist_examples", d.gist_examples, "Caching table: number of prompts.")
     flags.DEFINE_integer("num_gist", d.num_gist, "Caching table: gist tokens k.")
-    flags.DEFINE_string("alpaca_dir", None, "Alpaca+ files (validation_human) for the caching table.")
+    flags.DEFINE_string(
+        "alpaca_dir", None, "Alpaca+ files (validation_human) for the caching table."
+    )
     flags.DEFINE_list("scaling_lengths", list(map(str, d.scaling_lengths)), "Scaling lengths.")
     flags.DEFINE_integer("scaling_tokens", d.scaling_tokens, "Scaling: tokens per step.")
     flags.DEFINE_list("scaling_batches", list(map(str, d.scaling_batches)), "Scaling batch sizes.")

@@ -63,9 +63,7 @@ class Timing:
         }
 
 
-def measure(
-    fns: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1
-) -> dict[str, Timing]:
+def measure(fns: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, Timing]:
     """Time each function ``reps`` times, interleaved (see the module docstring)."""
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
@@ -244,9 +242,7 @@ class BenchModel:
             model.load_state_dict(state, strict=False, assign=True)
             if self.config.tie_word_embeddings:
                 model.tie_weights()
-            missing = [
-                n for n, p in model.named_parameters() if p.device.type == "meta"
-            ]
+            missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
             if missing:
                 raise RuntimeError(f"torch model parameters left uninitialised: {missing[:5]}")
             # Non-persistent buffers (rotary inverse frequencies) are still on meta.

@@ -102,7 +102,9 @@ def _cache_with_prefix(
 def load_prompts(
     model: BenchModel, num_examples: int, num_gist: int, alpaca_dir: str | None
 ) -> tuple[list[inputs.SplitPrompt], str]:
-    source, split = (alpaca_dir, "validation_human") if alpaca_dir else ("synthetic", "validation_unseen")
+    source, split = (
+        (alpaca_dir, "validation_human") if alpaca_dir else ("synthetic", "validation_unseen")
+    )
     prompts = inputs.split_prompts(
         model.tokenizer, model.config.gist_token_id, split, num_examples, num_gist, source
     )
@@ -136,7 +138,12 @@ def run(
             cfg.num_hidden_layers, 1, len(full), cfg.num_key_value_heads, cfg.head_dim
         )
         args["no_caching"] = (
-            model.params, _row(full), _row(list(range(len(full)))), no_gist, no_gist, empty
+            model.params,
+            _row(full),
+            _row(list(range(len(full)))),
+            no_gist,
+            no_gist,
+            empty,
         )
         exe, _ = exes.get(args["no_caching"])
         _, full_cache = exe(*args["no_caching"])
@@ -156,7 +163,9 @@ def run(
             instr_cache,
         )
         gist_pos = [int(x) for x in np.asarray(gist_cache.positions[i])]
-        g_cache = _cache_with_prefix(cfg, gist_cache.k[:, i : i + 1], gist_cache.v[:, i : i + 1], gist_pos, n_in)
+        g_cache = _cache_with_prefix(
+            cfg, gist_cache.k[:, i : i + 1], gist_cache.v[:, i : i + 1], gist_pos, n_in
+        )
         last = gist_pos[-1]
         args["gist_caching"] = (
             model.params,
@@ -181,7 +190,11 @@ def run(
                     "instruction_caching": n_in,
                     "gist_caching": n_in,
                 },
-                "cached_tokens": {"no_caching": 0, "instruction_caching": n_instr, "gist_caching": k},
+                "cached_tokens": {
+                    "no_caching": 0,
+                    "instruction_caching": n_instr,
+                    "gist_caching": k,
+                },
                 "flops": flops,
                 "latency_s": {c: timings[c].median for c in CONDITIONS},
                 "latency_spread": {c: timings[c].spread for c in CONDITIONS},

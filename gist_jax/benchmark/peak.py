@@ -78,7 +78,8 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> dict[str, Any]:
     timings = common.measure(fns, reps=reps, warmup=1)
     flops = 2.0 * n**3
     per_lib = {
-        name: {"flops_per_s": flops / t.median, "timing": t.to_dict()} for name, t in timings.items()
+        name: {"flops_per_s": flops / t.median, "timing": t.to_dict()}
+        for name, t in timings.items()
     }
     best = max(per_lib, key=lambda k: per_lib[k]["flops_per_s"])
     return {

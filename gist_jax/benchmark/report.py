@@ -22,7 +22,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     cells = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+
+    def line(vals: list[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)) + " |"
+
     out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     return "\n".join(out + [line(r) for r in cells])
 
@@ -94,8 +97,7 @@ def train_table(r: dict[str, Any]) -> str:
         )
     if "breakdown_speedup" in r:
         out.append(
-            "per part: "
-            + ", ".join(f"{k} {_ratio(v)}" for k, v in r["breakdown_speedup"].items())
+            "per part: " + ", ".join(f"{k} {_ratio(v)}" for k, v in r["breakdown_speedup"].items())
         )
     return "\n".join(out)
 
@@ -194,7 +196,10 @@ def scaling_table(r: dict[str, Any]) -> str:
                     _ratio(e.get("speedup_vs_transformers")),
                 ]
             )
-        out += [title, table([label, "shape", "gist_jax tok/s", "transformers tok/s", "ratio"], rows)]
+        out += [
+            title,
+            table([label, "shape", "gist_jax tok/s", "transformers tok/s", "ratio"], rows),
+        ]
     return "\n".join(out)
 
 

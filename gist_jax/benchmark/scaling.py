@@ -81,7 +81,10 @@ def run(
     for length in lengths:
         batch = max(1, tokens_per_step // length)
         batches = inputs.train_batches(examples, batch, length, pad, pack=True)
-        by_length[str(length)] = {"batch_size": batch, **_compare(model, batches, reps, warmup, torch_ref)}
+        by_length[str(length)] = {
+            "batch_size": batch,
+            **_compare(model, batches, reps, warmup, torch_ref),
+        }
     result["sequence_length"] = {"tokens_per_step": tokens_per_step, "results": by_length}
 
     by_batch = {}

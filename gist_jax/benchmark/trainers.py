@@ -85,7 +85,9 @@ class JaxTrainer:
                 lambda: jax.jit(loss).lower(self.state.params, self.batch).compile()
             )
             self.grad_fn, self.parts_compile_s["forward_backward"] = timed(
-                lambda: jax.jit(jax.value_and_grad(loss)).lower(self.state.params, self.batch).compile()
+                lambda: (
+                    jax.jit(jax.value_and_grad(loss)).lower(self.state.params, self.batch).compile()
+                )
             )
 
     def step(self, index: int = 0) -> float:
