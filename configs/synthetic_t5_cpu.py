@@ -4,7 +4,7 @@ decoding, report), in minutes on a CPU.
 
 ``configs/tiny_t5.py``'s architecture (gated-GELU, tied scaled output layer, the 512-entry
 synthetic BPE tokenizer, one gist token) widened to d_model 128 with 3 + 3 layers and
-trained for 500 steps. A model this small and untrained knows nothing beyond its training
+trained for 300 steps. A model this small and untrained knows nothing beyond its training
 families, so it can learn validation_seen but not the held-out families of
 validation_unseen::
 
@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.init.num_layers = 3
     c.model.init.num_decoder_layers = 3
     c.data.num_train_examples = 8000
-    c.train.steps = 500
+    c.train.steps = 300
     c.train.batch_size = 32
     c.train.lr = 2e-3
     c.train.warmup = 25
