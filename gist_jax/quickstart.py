@@ -59,7 +59,8 @@ QUICKSTART_DEFAULTS: dict[str, Any] = dict(controls="trained", control_steps=0, 
 def default_config() -> ml_collections.ConfigDict:
     """The quickstart's training + evaluation config (what ``configs/quickstart.py`` returns).
 
-    Training is ``configs/default.py``'s recipe sized for the 20-minute CPU budget;
+    Training is ``configs/default.py``'s recipe sized for about 20 minutes on a 2-core CPU
+    (23 min measured with install; docs/results.md: fewer steps did not show gisting);
     ``quickstart`` holds the settings that are not training's:
 
     * ``controls``: "trained" (paper: separate pos/neg control models) or "masked"
