@@ -98,7 +98,8 @@ def markdown_table(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
             cells = []
             for split in splits:
                 share = gap_recovered(table[split], row) if row in table[split] else math.nan
-                cells.append("n/a" if math.isnan(share) else f"{share:.0f}%")
+                # round() gives an int, so a share of -0.4 prints "0%", not "-0%".
+                cells.append("n/a" if math.isnan(share) else f"{round(share)}%")
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
     n = {split: next(iter(rows.values())).get("n") for split, rows in table.items()}
     lines += ["", "Examples per split: " + ", ".join(f"{s} {v}" for s, v in n.items())]
