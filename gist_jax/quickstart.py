@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
@@ -235,6 +236,12 @@ def gap_recovered(
     return 100.0 * (g - neg) / (pos - neg) if pos - neg >= 1.0 else float("nan")
 
 
+def format_share(share: float) -> str:
+    """A gap share for tables and logs: a whole percentage, "-0.4" printed as "0%" (round()
+    returns an int, which has no negative zero), "n/a" for NaN."""
+    return "n/a" if math.isnan(share) else f"{round(share)}%"
+
+
 def family_scores(
     predictions: Sequence[Mapping[str, Any]],
     splits: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -321,8 +328,8 @@ def summary_lines(report: Any, seconds: Mapping[str, float]) -> list[str]:
             for key, name in (("rougeL", "ROUGE-L"), ("exact_match", "exact match")):
                 share = gap_recovered(report.metrics, split, key)
                 parts.append(
-                    f"{share:.0f}% of the {name} gap"
-                    if share == share  # not NaN
+                    f"{format_share(share)} of the {name} gap"
+                    if not math.isnan(share)
                     else f"no {name} gap (pos_control is not above neg_control)"
                 )
             lines.append(

@@ -8,8 +8,11 @@ training curves and an evaluation chart (what ``docs/results.md`` shows).
 Each run is a ``gist_jax.quickstart`` workdir: ``results/metrics.json`` (split ->
 condition -> scores) and one training workdir per trained condition with its
 ``metrics.jsonl``. The controls are taken from the first run that has them (in the paper,
-as here, the pos/neg control models do not depend on k). Writes ``table.md``,
-``results.json``, ``training_curves.png`` and ``rouge_l.png`` under ``--out``.
+as here, the pos/neg control models do not depend on k). Writes ``table.md`` (scores, gap
+shares, and paired per-example ROUGE-L differences against neg_control with their standard
+errors), ``results.json``, ``training_curves.png`` and ``rouge_l.png`` under ``--out``,
+and copies each run's own result files into ``--out/LABEL/`` so the report is
+self-contained.
 """
 
 from __future__ import annotations
@@ -17,12 +20,20 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gist_jax import gist
+from gist_jax import gist, metrics, quickstart
 
 CONTROLS = ("pos_control", "neg_control")
+# A run's own files copied beside the report: (path under the workdir, name in the copy).
+RUN_FILES = (
+    ("results/metrics.json", "metrics.json"),
+    ("results/compression.json", "compression.json"),
+    ("results/predictions.jsonl", "predictions.jsonl"),
+    ("quickstart.json", "quickstart.json"),
+)
 
 
 def load_run(workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -42,7 +53,19 @@ def load_run(workdir: str | pathlib.Path) -> dict[str, Any]:
                 for r in rows
                 if r.get("kind") == "train" and "loss" in r
             ]
-    return {"workdir": str(workdir), "metrics": metrics, "curves": curves}
+    predictions: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    predictions_file = workdir / "results" / "predictions.jsonl"
+    if predictions_file.is_file():
+        for line in predictions_file.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                predictions.setdefault((row["split"], row["condition"]), []).append(row)
+    return {
+        "workdir": str(workdir),
+        "metrics": metrics,
+        "curves": curves,
+        "predictions": predictions,
+    }
 
 
 def combine(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -67,11 +90,9 @@ def combine(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[s
 def gap_recovered(rows: Mapping[str, Mapping[str, float]], row: str, key: str = "rougeL") -> float:
     """The share (%) of the pos-neg gap in ``key`` that ``row`` recovers
     (``quickstart.gap_recovered``); NaN without both controls or a gap of a point."""
-    from gist_jax.quickstart import gap_recovered as share
-
     if not all(c in rows for c in CONTROLS):
         return math.nan
-    return share({"split": {**rows, "gist": rows[row]}}, "split", key)
+    return quickstart.gap_recovered({"split": {**rows, "gist": rows[row]}}, "split", key)
 
 
 def markdown_table(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
@@ -98,12 +119,99 @@ def markdown_table(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
             cells = []
             for split in splits:
                 share = gap_recovered(table[split], row) if row in table[split] else math.nan
-                # round() gives an int, so a share of -0.4 prints "0%", not "-0%".
-                cells.append("n/a" if math.isnan(share) else f"{round(share)}%")
+                cells.append(quickstart.format_share(share))
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
     n = {split: next(iter(rows.values())).get("n") for split, rows in table.items()}
     lines += ["", "Examples per split: " + ", ".join(f"{s} {v}" for s, v in n.items())]
     return "\n".join(lines) + "\n"
+
+
+def _per_example_rouge(rows: Sequence[Mapping[str, Any]]) -> list[float]:
+    scores = metrics.rouge_l_scores([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    return [100.0 * x for x in scores]
+
+
+def paired_differences(
+    runs: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``split -> "ROW - neg_control" -> {mean, se, n}``: per-example ROUGE-L differences
+    of pos_control and of each run's gist model against neg_control on the same examples.
+
+    With 50-100 examples per split a few points of ROUGE-L is within noise, and pairing
+    removes the examples' own difficulty from the spread. Rows without predictions (or
+    without a neg_control run) are left out; examples that do not line up raise.
+    """
+    controls: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs.values():
+        for (split, condition), rows in run.get("predictions", {}).items():
+            if condition in CONTROLS:
+                controls.setdefault((split, condition), rows)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (split, condition), neg_rows in controls.items():
+        if condition != "neg_control":
+            continue
+        others = {}
+        if (split, "pos_control") in controls:
+            others["pos_control"] = controls[(split, "pos_control")]
+        for label, run in runs.items():
+            rows = run.get("predictions", {}).get((split, "gist"))
+            if rows:
+                others[f"gist ({label})"] = rows
+        neg = _per_example_rouge(neg_rows)
+        for name, rows in others.items():
+            mismatch = [
+                i
+                for i, (a, b) in enumerate(zip(rows, neg_rows, strict=False))
+                if (a["instruction"], a["input"], a["reference"])
+                != (b["instruction"], b["input"], b["reference"])
+            ]
+            if len(rows) != len(neg_rows) or mismatch:
+                raise ValueError(
+                    f"{split}: {name} and neg_control were not evaluated on the same examples "
+                    f"({len(rows)} vs {len(neg_rows)} predictions; first difference at "
+                    f"{mismatch[0] if mismatch else min(len(rows), len(neg_rows))})"
+                )
+            diffs = [a - b for a, b in zip(_per_example_rouge(rows), neg, strict=True)]
+            n = len(diffs)
+            mean = sum(diffs) / n
+            var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else math.nan
+            out.setdefault(split, {})[f"{name} - neg_control"] = {
+                "mean": mean,
+                "se": math.sqrt(var / n),
+                "n": n,
+            }
+    return out
+
+
+def paired_markdown(paired: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """The paired differences as a table: mean +- standard error per split."""
+    splits = list(paired)
+    rows = list(dict.fromkeys(r for split in splits for r in paired[split]))
+    lines = [
+        "| paired ROUGE-L difference, mean +- SE | " + " | ".join(splits) + " |",
+        "|---|" + "---|" * len(splits),
+    ]
+    for row in rows:
+        cells = [
+            # round() first, then + 0.0: a mean of -0.04 prints "0.0", not "-0.0".
+            f"{round(paired[s][row]['mean'], 1) + 0.0:.1f} +- {paired[s][row]['se']:.1f}"
+            if row in paired[s]
+            else "-"
+            for s in splits
+        ]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def copy_run_files(runs: Mapping[str, str | pathlib.Path], out: pathlib.Path) -> None:
+    """Each run's own result files (RUN_FILES) into ``out/LABEL/`` (``k=1`` -> ``k1``)."""
+    for label, workdir in runs.items():
+        target = out / label.replace("=", "")
+        target.mkdir(parents=True, exist_ok=True)
+        for source, name in RUN_FILES:
+            path = pathlib.Path(workdir) / source
+            if path.is_file():
+                shutil.copyfile(path, target / name)
 
 
 def plot_curves(runs: Mapping[str, Mapping[str, Any]], path: pathlib.Path) -> None:
@@ -167,7 +275,10 @@ def write_report(runs: Mapping[str, str | pathlib.Path], out: str | pathlib.Path
     table = combine(loaded)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    paired = paired_differences(loaded)
     text = markdown_table(table)
+    if paired:
+        text += "\n" + paired_markdown(paired)
     (out / "table.md").write_text(text)
     summary = {
         "runs": {label: run["workdir"] for label, run in loaded.items()},
@@ -176,8 +287,10 @@ def write_report(runs: Mapping[str, str | pathlib.Path], out: str | pathlib.Path
             split: {row: gap_recovered(rows, row) for row in rows if row.startswith("gist")}
             for split, rows in table.items()
         },
+        "paired_rougeL_vs_neg_control": paired,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    copy_run_files(runs, out)
     plot_curves(loaded, out / "training_curves.png")
     plot_rouge(table, out / "rouge_l.png")
     return text

@@ -257,10 +257,70 @@ def test_replication_report_over_k(trained, tmp_path):
     assert "| gist (k=2) |" in text and (out / "table.md").read_text() == text
     for name in ("training_curves.png", "rouge_l.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Paired differences are over the same examples, so their mean is the difference of
+    # the table's means; each run's own files are copied beside the report.
+    paired = saved["paired_rougeL_vs_neg_control"]
+    for split in SPLITS:
+        rows = saved["table"][split]
+        for row in ("pos_control", "gist (k=1)", "gist (k=2)"):
+            d = paired[split][f"{row} - neg_control"]
+            assert d["n"] == rows[row]["n"]
+            want = rows[row]["rougeL"] - rows["neg_control"]["rougeL"]
+            assert d["mean"] == pytest.approx(want, abs=1e-6)
+    assert "| gist (k=2) - neg_control |" in text
+    for label, run_dir in (("k1", workdir), ("k2", tmp_path / "k2")):
+        for source, name in replication.RUN_FILES:
+            assert (out / label / name).read_bytes() == (
+                pathlib.Path(run_dir) / source
+            ).read_bytes()
     with pytest.raises(ValueError, match="LABEL=WORKDIR"):
         replication.parse_runs(["k1"])
     with pytest.raises(FileNotFoundError, match="not a finished quickstart workdir"):
         replication.load_run(tmp_path / "missing")
+
+
+def test_paired_differences():
+    """Per-example ROUGE-L differences against neg_control on the same examples: exact
+    answers score 100, disjoint ones 0, so the differences here are known."""
+
+    def rows(split, condition, predictions):
+        refs = ["red green", "blue sky", "tall tree"]
+        return [
+            {"split": split, "condition": condition, "instruction": f"i{i}", "input": "x",
+             "reference": ref, "prediction": pred}
+            for i, (ref, pred) in enumerate(zip(refs, predictions, strict=True))
+        ]  # fmt: skip
+
+    right, wrong = ["red green", "blue sky", "tall tree"], ["zzz", "zzz", "zzz"]
+    k1 = {
+        "predictions": {
+            ("s", "neg_control"): rows("s", "neg_control", wrong),
+            ("s", "pos_control"): rows("s", "pos_control", right),
+            ("s", "gist"): rows("s", "gist", ["red green", "zzz", "zzz"]),
+        }
+    }
+    k2 = {"predictions": {("s", "gist"): rows("s", "gist", ["zzz", "blue sky", "tall tree"])}}
+    paired = replication.paired_differences({"k=1": k1, "k=2": k2})["s"]
+    assert paired["pos_control - neg_control"] == {"mean": 100.0, "se": 0.0, "n": 3}
+    gist1 = paired["gist (k=1) - neg_control"]
+    assert gist1["mean"] == pytest.approx(100 / 3)
+    assert gist1["se"] == pytest.approx(np.std([100, 0, 0], ddof=1) / np.sqrt(3))
+    assert paired["gist (k=2) - neg_control"]["mean"] == pytest.approx(200 / 3)
+    assert "| gist (k=2) - neg_control | 66.7 +- 33.3 |" in replication.paired_markdown(
+        {"s": paired}
+    )
+
+    k2["predictions"][("s", "gist")][1]["input"] = "another input"
+    with pytest.raises(ValueError, match="s: gist \\(k=2\\) and neg_control were not evaluated"):
+        replication.paired_differences({"k=1": k1, "k=2": k2})
+
+
+def test_gap_share_format():
+    assert quickstart.format_share(-0.4) == "0%"
+    assert quickstart.format_share(-25.6) == "-26%"
+    assert quickstart.format_share(74.5) == "74%"  # round half to even
+    assert quickstart.format_share(float("nan")) == "n/a"
 
 
 def test_replication_gap_share():
