@@ -685,13 +685,14 @@ def _train_and_evaluate(
             condition,
             config.train.grad_accum,
             tuple(config.train.inject_nonfinite_steps),
+            config.train.loss_chunk,
         ),
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, shd.replicated(mesh)),
         donate_argnums=(0,),
     )
     eval_fn = jax.jit(
-        tstep.make_eval_step(model, model_config.model_type, condition),
+        tstep.make_eval_step(model, model_config.model_type, condition, config.train.loss_chunk),
         in_shardings=(shardings.params, batch_shardings),
         out_shardings=shd.replicated(mesh),
     )
@@ -728,7 +729,9 @@ def _train_and_evaluate(
             rules = _probe_rules(
                 _activation_rules(config, mesh, loaded),
                 lambda: jax.eval_shape(
-                    lambda p, b: tstep.loss_sums(model, model_config.model_type, p, b, condition),
+                    lambda p, b: tstep.loss_sums(
+                        model, model_config.model_type, p, b, condition, config.train.loss_chunk
+                    ),
                     abstract.params,
                     _abstract_batch(keys, config.train.batch_size // config.train.grad_accum),
                 ),

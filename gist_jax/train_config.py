@@ -23,7 +23,7 @@ import math
 
 import ml_collections
 
-from gist_jax import gist
+from gist_jax import gist, output_loss
 
 # Model sources besides a directory path.
 DEFAULT_MODEL = "default"
@@ -80,15 +80,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b1 = 0.9
     c.train.b2 = 0.999
     c.train.eps = 1e-8
+    # Decoder-only: run the output layer + cross-entropy only on chunks of this many
+    # positions per row that hold loss tokens (gist_jax.output_loss); 0 = all logits.
+    c.train.loss_chunk = output_loss.DEFAULT_CHUNK
     c.train.seed = 0  # params init (random-init models), data order
     c.train.log_every = 10
     c.train.eval_every = 100  # 0: only at the end
     c.train.checkpoint_every = 100  # 0: only at the end (and on SIGTERM)
     c.train.keep_checkpoints = 2
     c.train.async_checkpoint = True
-    # A step whose loss or gradient is NaN/inf (or whose update would make a parameter
-    # non-finite) is not applied; this many such steps in a row stop the run with an error,
-    # keeping the last checkpoint written before them.
+    # A step whose loss, gradient norm or learning rate is NaN/inf is not applied; this
+    # many such steps in a row stop the run with an error, keeping the last checkpoint
+    # written before them.
     c.train.max_nonfinite_steps = 5
     # Fault injection for tests: steps (1 = the first update) whose loss is made NaN.
     c.train.inject_nonfinite_steps = ()
@@ -127,6 +130,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(t.lr > 0, "train.lr", "the learning rate must be > 0")
     need(math.isfinite(t.lr), "train.lr", "the learning rate must be finite")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(t.loss_chunk >= 0, "train.loss_chunk", "must be >= 0 (0 = all logits at once)")
     need(
         all(isinstance(s, int) and s >= 1 for s in t.inject_nonfinite_steps),
         "train.inject_nonfinite_steps",

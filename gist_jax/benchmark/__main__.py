@@ -36,6 +36,7 @@ class BenchOptions:
     train_batch: int = 8
     train_length: int = 128
     train_breakdown: bool = True
+    loss_chunk: int = 32  # = gist_jax.output_loss.DEFAULT_CHUNK (this module imports no jax)
     decode_batches: tuple[int, ...] = (1, 16)
     prompt_length: int = 64
     new_tokens: int = 64
@@ -101,8 +102,8 @@ def run_benchmarks(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         from gist_jax.benchmark import peak as peak_mod
 
         start("peak")
-        n, mib = (256, 16) if opts.quick else (2048, 256)
-        peak = peak_mod.run(matmul_n=n, bandwidth_mib=mib, reps=opts.reps)
+        sizes, mib = ((256,), 16) if opts.quick else ((1024, 2048), 256)
+        peak = peak_mod.run(matmul_sizes=sizes, bandwidth_mib=mib, reps=opts.reps)
         done("peak", peak)
     model = common.load_model(opts.model, opts.scan_layers, opts.remat)
     results["model"] = {
@@ -125,6 +126,7 @@ def run_benchmarks(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
                 opts.train_breakdown,
                 opts.torch_ref,
                 peak,
+                opts.loss_chunk,
             ),
         )
     if "decode" in opts.only:
@@ -222,6 +224,7 @@ def main(argv: Sequence[str]) -> None:
         train_batch=f.train_batch,
         train_length=f.train_length,
         train_breakdown=f.train_breakdown,
+        loss_chunk=f.loss_chunk,
         decode_batches=_ints(f.decode_batches),
         prompt_length=f.prompt_length,
         new_tokens=f.new_tokens,
@@ -257,6 +260,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("train_batch", d.train_batch, "Train step: rows per batch.")
     flags.DEFINE_integer("train_length", d.train_length, "Train step: tokens per row.")
     flags.DEFINE_bool("train_breakdown", d.train_breakdown, "Also time forward and backward.")
+    flags.DEFINE_integer(
+        "loss_chunk", d.loss_chunk, "gist_jax train step: train.loss_chunk (0 = all logits)."
+    )
     flags.DEFINE_list("decode_batches", list(map(str, d.decode_batches)), "Decode batch sizes.")
     flags.DEFINE_integer("prompt_length", d.prompt_length, "Decode: prompt tokens.")
     flags.DEFINE_integer("new_tokens", d.new_tokens, "Decode: generated tokens.")

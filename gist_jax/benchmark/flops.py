@@ -4,10 +4,15 @@ Only matrix multiplications are counted (2 FLOPs per multiply-add), as is usual 
 the q/k/v/o projections, the SwiGLU MLP, the attention scores and weighted values over the
 full ``length x length`` square (both implementations compute the whole square and mask
 it), and the output projection. A training step costs three forward passes (the backward
-pass computes gradients with respect to both activations and weights).
+pass computes gradients with respect to both activations and weights). gist_jax's train
+step runs the output layer only on chunks holding loss tokens (``gist_jax.output_loss``);
+``executed_train_step_flops`` counts what it really computes, ``train_step_flops`` the full
+model (what ``transformers`` computes, and the usual MFU numerator).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from gist_jax.models.llama import LlamaConfig
 
@@ -31,3 +36,24 @@ def forward_flops(config: LlamaConfig, batch: int, length: int) -> float:
 def train_step_flops(config: LlamaConfig, batch: int, length: int) -> float:
     """Matmul FLOPs of forward + backward over ``[batch, length]`` tokens."""
     return 3.0 * forward_flops(config, batch, length)
+
+
+def output_positions_computed(loss_mask: np.ndarray, chunk: int) -> int:
+    """Positions whose logits ``gist_jax.output_loss`` computes for this ``[B, L]`` mask:
+    every row's loss positions are moved first and cut into chunks of ``chunk``; a chunk
+    runs (for all rows) when any row has a loss position in it."""
+    batch, length = loss_mask.shape
+    chunk = min(chunk, length)
+    longest = int((np.asarray(loss_mask) != 0).sum(axis=1).max(initial=0))
+    return batch * chunk * -(-longest // chunk)
+
+
+def executed_train_step_flops(
+    config: LlamaConfig, batch: int, length: int, output_positions: int
+) -> float:
+    """``train_step_flops`` when the output layer runs at ``output_positions`` positions
+    only: there it costs four products per position (forward, the backward's recomputed
+    logits, and the two gradient products) instead of three everywhere."""
+    head = 2.0 * config.hidden_size * config.vocab_size
+    full_head = 3.0 * head * batch * length
+    return train_step_flops(config, batch, length) - full_head + 4.0 * head * output_positions

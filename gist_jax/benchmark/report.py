@@ -44,8 +44,9 @@ def _ratio(x: float | None) -> str:
 
 def peak_table(r: dict[str, Any]) -> str:
     rows = [
-        [f"matmul f32 {r['matmul']['n']}^3 ({lib})", f"{v['flops_per_s'] / 1e9:.1f} GFLOP/s"]
-        for lib, v in r["matmul"]["libraries"].items()
+        [f"matmul f32 {m['n']}^3 ({lib})", f"{v['flops_per_s'] / 1e9:.1f} GFLOP/s"]
+        for m in r.get("matmul_by_size", [r["matmul"]])
+        for lib, v in m["libraries"].items()
     ]
     rows += [
         [f"streaming read ({lib})", f"{v['bytes_per_s'] / 1e9:.1f} GB/s"]
@@ -90,6 +91,17 @@ def train_table(r: dict[str, Any]) -> str:
         table(headers, rows),
         f"gist_jax compile: {r['implementations'][JAX]['compile_s']:.1f} s",
     ]
+    j = r["implementations"][JAX]
+    if j.get("loss_chunk"):
+        executed = j["executed"]
+        out.append(
+            f"gist_jax runs the output layer at {j['output_positions_computed']} of "
+            f"{r['tokens_per_step']} positions (loss chunks of {j['loss_chunk']}); MFU above "
+            "counts the full model's FLOPs (as transformers computes them); counting what "
+            f"gist_jax executes: {j['executed_step_flops'] / 1e9:.0f} GFLOP/step, "
+            f"{executed['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+            f"MFU {_pct(executed.get('mfu_measured_peak'))} of the measured peak"
+        )
     if "speedup_vs_transformers" in r:
         out.append(
             f"speed-up gist_jax vs transformers: {_ratio(r['speedup_vs_transformers'])} "

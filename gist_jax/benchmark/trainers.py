@@ -7,7 +7,9 @@ written the ordinary way for ``transformers``: forward with the same 4D gist mas
 HF's additive float mask, built by ``gist_jax.gist`` from the same batch), token cross
 entropy averaged over ``loss_mask``, ``backward``, ``clip_grad_norm_``, ``torch.optim.AdamW``
 (same hyper-parameters). Each trainer owns a private copy of the weights, so training
-does not move the weights other measurements use.
+does not move the weights other measurements use. The gist_jax step runs the output
+layer only on chunks that hold loss tokens (``gist_jax.output_loss``, the train config's
+default); ``transformers`` computes logits for every position, as its models do.
 
 Both also expose the forward pass alone (loss) and forward + backward (loss and
 gradients, no update), which split a step's time into forward, backward and optimizer.
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gist_jax import gist, optim, train_step
+from gist_jax import gist, optim, output_loss, train_step
 from gist_jax.benchmark.common import BenchModel, timed
 from gist_jax.models import llama
 from gist_jax.train_state import TrainState
@@ -42,6 +44,7 @@ class JaxTrainer:
         model: BenchModel,
         batches: Sequence[Mapping[str, np.ndarray]],
         parts: bool = False,
+        loss_chunk: int = output_loss.DEFAULT_CHUNK,
     ):
         cfg = model.config
         self.config = cfg
@@ -59,7 +62,9 @@ class JaxTrainer:
         keys = train_step.batch_keys("llama")
         self.batches = [{k: jnp.asarray(b[k]) for k in keys} for b in batches]
         step = jax.jit(
-            train_step.make_train_step(module, "llama", optimizer, schedule, CONDITION),
+            train_step.make_train_step(
+                module, "llama", optimizer, schedule, CONDITION, loss_chunk=loss_chunk
+            ),
             donate_argnums=(0,),
         )
         self.executables: dict[tuple[int, ...], Any] = {}
@@ -78,7 +83,9 @@ class JaxTrainer:
         if parts:
 
             def loss(params: Any, b: Any) -> jax.Array:
-                total, count = train_step.loss_sums(module, "llama", params, b, CONDITION)
+                total, count = train_step.loss_sums(
+                    module, "llama", params, b, CONDITION, loss_chunk
+                )
                 return total / jnp.maximum(count, 1.0)
 
             self.loss_fn, self.parts_compile_s["forward"] = timed(

@@ -17,6 +17,9 @@ values at ``cache.end`` and attends over the whole cache. Params are float32; ``
 is the compute dtype; logits are always float32. The optional keyword ``logits_at``
 (``int32[B]``) returns only the logits of that query position per row, ``[B, 1, V]``
 (a prefill needs just the last prompt token's; this skips most of the output layer).
+With ``return_hidden=True`` the call returns the final-normed hidden states ``[B, L, D]``
+instead of logits (and no cache), for a loss that applies ``output_kernel`` only where it
+is needed (``gist_jax.output_loss``).
 
 Parameter tree (names mirror the HF state dict, so conversion is renames and
 transposes)::
@@ -510,6 +513,7 @@ class LlamaForCausalLM(nn.Module):
         mask: jax.Array,
         cache: KVCache | None = None,
         logits_at: jax.Array | None = None,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         dtype = cfg.compute_dtype
@@ -548,6 +552,10 @@ class LlamaForCausalLM(nn.Module):
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None].astype(jnp.int32), axis=1)
         hidden = RMSNorm(cfg, name="norm")(hidden)
+        if return_hidden:
+            # For a loss that runs the output layer itself on a few positions
+            # (gist_jax.output_loss with ``output_kernel``).
+            return hidden, None
         if cfg.tie_word_embeddings:
             # [V, D] embedding used as the output projection.
             logits = jnp.einsum(
@@ -579,6 +587,13 @@ CONFIG_CLASS = LlamaConfig
 
 def build_model(config: LlamaConfig) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
+
+
+def output_kernel(params: Mapping[str, Any], config: LlamaConfig) -> jax.Array:
+    """The output layer's ``[D, V]`` matrix: the transposed embedding when tied."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 def _dummy_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
