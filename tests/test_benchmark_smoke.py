@@ -1,11 +1,13 @@
 """Smoke test of ``gist_jax.benchmark``: every measurement runs end to end on a tiny random
 model with one repetition, writes its JSON (and the scaling plot), and the numbers are
 sane: the two train steps start from the same loss, both decoders emit the requested
-tokens, gist caching runs fewer tokens than no caching, and packing beats padding."""
+tokens, gist caching runs fewer tokens than no caching, and packing beats padding; the
+op-level profiler attributes traced time to the model's operations."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -48,6 +50,7 @@ def test_train_step_compares_the_same_function(results: tuple[dict, pathlib.Path
     assert train["speedup_vs_transformers"] > 0
     assert impls["gist_jax"]["compile_s"] > 0
     assert impls["gist_jax"]["xla_cost_analysis"]["flops"] > 0
+    assert 0 < impls["gist_jax"]["output_positions_computed"] <= train["tokens_per_step"]
     for e in impls.values():
         assert e["tokens_per_s"] > 0
         assert set(e["breakdown_s"]) == {"forward", "backward", "optimizer_and_rest"}
@@ -90,3 +93,30 @@ def test_scaling_sweeps_and_packing(results: tuple[dict, pathlib.Path]) -> None:
 def test_unknown_measurement_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown measurement"):
         BenchOptions(only=("train", "nope"))
+
+
+def test_profile_attributes_time_to_model_ops(tmp_path: pathlib.Path) -> None:
+    # A fresh process: the per-op trace flag is read when XLA's CPU backend starts.
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "gist_jax.benchmark.profile",
+        "--what=train",
+        "--model=tiny",
+        "--batch=2",
+        "--length=32",
+        "--runs=1",
+        "--top=200",
+        f"--out={tmp_path}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    ops = " ".join(rows)
+    # Forward and backward (transposed) products of the MLP, attributed by layer-folded name.
+    assert "layers_N/mlp/up_proj" in ops and "transpose(jvp(" in ops, done.stdout[-3000:]
+    assert any(float(r.split("|")[1]) > 0 for r in rows)
