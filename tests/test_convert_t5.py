@@ -59,14 +59,6 @@ TARGETS = [6, 3, 7, 5]
 SRC_LEN = 16
 
 
-def relative_diff(got: np.ndarray, want: np.ndarray, valid: np.ndarray) -> float:
-    """Largest logit difference over valid targets, relative to the logits' size: float32
-    rounding grows with the values, and XLA's reduction order differs between CPU models
-    (1.1e-5 absolute seen on logits near 10 on CI's CPU)."""
-    scale = max(1.0, float(np.abs(want[valid]).max()))
-    return float(np.abs(got - want)[valid].max()) / scale
-
-
 @pytest.mark.parametrize("variant", fx.VARIANTS)
 def test_names_and_lossless_round_trip(variant):
     hf, config = reference(variant)
@@ -121,7 +113,7 @@ def test_export_reloads_in_transformers(variant, tmp_path):
     for condition in ("gist", "neg_control"):
         want = hf_gist_logits(hf, src, tgt, fx.GIST_ID, condition)
         got = gist_logits(config, params, src, tgt, condition)
-        assert relative_diff(got, want, tgt["valid"]) < 1e-5, condition
+        assert fx.relative_diff(got, want, tgt["valid"]) < 1e-5, condition
 
 
 def _hf_dir_with_tokenizer(variant, vocab_size, tmp_path):
@@ -201,7 +193,7 @@ def test_from_hf_to_hf_pipeline(variant, vocab_size, tmp_path):
     for condition in gist.CONDITIONS:
         want = hf_gist_logits(reloaded, src, tgt, gist_id, condition)
         got = gist_logits(config, params, src, tgt, condition)
-        assert relative_diff(got, want, tgt["valid"]) < 1e-5, condition
+        assert fx.relative_diff(got, want, tgt["valid"]) < 1e-5, condition
 
 
 def test_t5_tokenizer_gist_token(tmp_path):
