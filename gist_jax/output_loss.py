@@ -94,8 +94,20 @@ def _loss_first_chunks(
     return positions, chunk_targets, chunk_weights, needed
 
 
-def _chunk_logits(hidden: jax.Array, kernel: jax.Array, positions: jax.Array) -> jax.Array:
-    states = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, C, D]
+def computed_positions(weights: jax.Array, chunk: int) -> int:
+    """How many positions ``chunked_cross_entropy`` runs the output layer at for this
+    ``[B, L]`` weight mask (every row's share of each needed chunk), e.g. for FLOP counts."""
+    batch, length = weights.shape
+    chunk = min(chunk, length)
+    *_, needed = _loss_first_chunks(jnp.zeros((batch, length), jnp.int32), weights, chunk)
+    return int(jnp.sum(needed)) * batch * chunk
+
+
+def _gather(hidden: jax.Array, positions: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, C, D]
+
+
+def _logits(states: jax.Array, kernel: jax.Array) -> jax.Array:
     logits = jnp.einsum("bcd,dv->bcv", states, kernel, preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
@@ -103,16 +115,15 @@ def _chunk_logits(hidden: jax.Array, kernel: jax.Array, positions: jax.Array) ->
 # A custom VJP rather than autodiff through the scan: autodiff would stack every chunk's
 # softmax as a residual (zeros for the skipped ones) and carry a [D, V] cotangent through
 # every iteration; here the backward pass recomputes the logits of the needed chunks only
-# and accumulates the kernel gradient in place. Measured on SmolLM2's output layer (8 x 128
-# tokens, 16% of them loss positions, chunk 32, 2-core CPU): forward + backward 1.69 s with
-# full logits, 0.97 s chunked with autodiff, 0.58 s with this backward.
+# and accumulates the kernel gradient in place (scripts/bench_output_loss.py times it
+# against full logits; figures in docs/benchmarks/README.md).
 @jax.custom_vjp
 def _chunked_loss(hidden: jax.Array, kernel: jax.Array, chunks: tuple[jax.Array, ...]) -> jax.Array:
     def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         positions, target, weight, need = xs
 
         def compute() -> jax.Array:
-            logits = _chunk_logits(hidden, kernel, positions)
+            logits = _logits(_gather(hidden, positions), kernel)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
             return jnp.sum(ce * weight)
 
@@ -137,12 +148,12 @@ def _chunked_loss_bwd(residuals: tuple[Any, ...], grad: jax.Array) -> tuple[Any,
         positions, target, weight, need = xs
 
         def compute(d_hidden: jax.Array, d_kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-            logits = _chunk_logits(hidden, kernel, positions)
+            states = _gather(hidden, positions)
+            logits = _logits(states, kernel)
             # d(sum w * ce)/d logits = w * (softmax - onehot(target)).
             probs = jax.nn.softmax(logits, axis=-1)
             onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=probs.dtype)
             d_logits = ((probs - onehot) * (grad * weight)[..., None]).astype(hidden.dtype)
-            states = jnp.take_along_axis(hidden, positions[..., None], axis=1)
             d_states = jnp.einsum(
                 "bcv,dv->bcd", d_logits, kernel, preferred_element_type=jnp.float32
             )

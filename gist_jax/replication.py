@@ -21,6 +21,7 @@ import json
 import math
 import pathlib
 import shutil
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -173,11 +174,10 @@ def paired_differences(
                 )
             diffs = [a - b for a, b in zip(_per_example_rouge(rows), neg, strict=True)]
             n = len(diffs)
-            mean = sum(diffs) / n
-            var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else math.nan
+            sd = statistics.stdev(diffs) if n > 1 else math.nan
             out.setdefault(split, {})[f"{name} - neg_control"] = {
-                "mean": mean,
-                "se": math.sqrt(var / n),
+                "mean": statistics.fmean(diffs),
+                "se": sd / math.sqrt(n),
                 "n": n,
             }
     return out

@@ -115,7 +115,8 @@ def test_profile_attributes_time_to_model_ops(tmp_path: pathlib.Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    lines = done.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| ms per")]
     ops = " ".join(rows)
     # Forward and backward (transposed) products of the MLP, attributed by layer-folded name.
     assert "layers_N/mlp/up_proj" in ops and "transpose(jvp(" in ops, done.stdout[-3000:]

@@ -75,6 +75,10 @@ def test_chunks_without_loss_positions_are_skipped():
         poisoned, kernel, targets, weights, chunk
     )
     np.testing.assert_allclose(got, clean, rtol=1e-6)
+    # One chunk per row ran (what the benchmark's FLOP count uses).
+    assert output_loss.computed_positions(weights, chunk) == batch * chunk
+    assert output_loss.computed_positions(np.zeros_like(weights), chunk) == 0
+    assert output_loss.computed_positions(np.ones_like(weights), chunk) == batch * length
 
 
 def test_bad_arguments_are_named():

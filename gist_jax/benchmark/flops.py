@@ -12,8 +12,6 @@ model (what ``transformers`` computes, and the usual MFU numerator).
 
 from __future__ import annotations
 
-import numpy as np
-
 from gist_jax.models.llama import LlamaConfig
 
 
@@ -36,16 +34,6 @@ def forward_flops(config: LlamaConfig, batch: int, length: int) -> float:
 def train_step_flops(config: LlamaConfig, batch: int, length: int) -> float:
     """Matmul FLOPs of forward + backward over ``[batch, length]`` tokens."""
     return 3.0 * forward_flops(config, batch, length)
-
-
-def output_positions_computed(loss_mask: np.ndarray, chunk: int) -> int:
-    """Positions whose logits ``gist_jax.output_loss`` computes for this ``[B, L]`` mask:
-    every row's loss positions are moved first and cut into chunks of ``chunk``; a chunk
-    runs (for all rows) when any row has a loss position in it."""
-    batch, length = loss_mask.shape
-    chunk = min(chunk, length)
-    longest = int((np.asarray(loss_mask) != 0).sum(axis=1).max(initial=0))
-    return batch * chunk * -(-longest // chunk)
 
 
 def executed_train_step_flops(

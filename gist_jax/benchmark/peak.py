@@ -119,8 +119,7 @@ def run(
 ) -> dict[str, Any]:
     """All of the above, as one JSON-ready dict. ``matmul`` is the size with the highest
     throughput (``matmul_by_size`` has them all): which size runs best depends on the
-    CPU's caches (a 2-core AMD EPYC ran 1024^3 at ~200 GFLOP/s and 2048^3 at ~160 with
-    XLA), and a peak that is too low would overstate MFU."""
+    CPU's caches and the library, and a peak that is too low would overstate MFU."""
     by_size = [matmul_peak(n, reps) for n in matmul_sizes]
     return {
         "matmul": max(by_size, key=lambda r: r["peak_flops_per_s"]),

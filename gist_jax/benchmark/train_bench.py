@@ -102,7 +102,7 @@ def run(
     impls[JAX]["xla_cost_analysis"] = jax_trainer.cost
     # What gist_jax really computes (logits only where the loss needs them).
     if loss_chunk:
-        positions = flops.output_positions_computed(batch["loss_mask"], loss_chunk)
+        positions = output_loss.computed_positions(batch["loss_mask"], loss_chunk)
         executed = flops.executed_train_step_flops(model.config, batch_size, length, positions)
     else:
         positions, executed = tokens, step_flops
