@@ -18,6 +18,9 @@ and the mask is simply ``gist.decoder_self_mask`` of query positions against slo
 positions. The same layout serves the gist cache: the ``k`` gist slots of each example
 sit at slots ``0..k-1`` with whatever absolute positions that example's gists had, and
 the input tokens continue at ``last + 1, ...`` -- different per example, same code.
+Inside the jitted call an unrolled LLaMA carries the cache as one buffer per layer in the
+layout its attention products read in place (``KVCache.per_layer``); the stacked form is
+what compression produces and what a prefix arrives in.
 
 Shapes are bucketed so that an evaluation run compiles a handful of times: the prompt
 length is padded to a power of two (at least ``MIN_LENGTH_BUCKET``), the batch to a fixed
@@ -371,6 +374,9 @@ def _llama_generate(
                 pos=jax.lax.dynamic_update_slice(cache.pos, prefix.pos.astype(jnp.int32), (0, 0)),
                 end=jnp.asarray(n_prefix, jnp.int32),
             )
+
+        if not config.scan_layers:
+            cache = cache.per_layer()  # read in place by each layer (KVCache.per_layer)
 
         def forward(
             ids: jax.Array, pos: jax.Array, cache: KVCache, logits_at: jax.Array | None = None

@@ -16,7 +16,7 @@ import pytest
 from gist_jax import gist
 from gist_jax.convert import llama as convert_llama
 from gist_jax.models import llama, registry
-from gist_jax.models.attention import KVCache
+from gist_jax.models.attention import KVCache, cached_attention, dot_product_attention
 
 CONFIG_NAMES = list(fx.TINY_CONFIGS)
 
@@ -140,8 +140,12 @@ def test_scan_and_remat_match_unrolled(models, batch, scan, remat):
         assert np.abs(a - b).max() <= 1e-5 * (np.abs(a).max() + 1.0)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_kv_cache_prefill_and_decode_match_full_forward(models, batch, scan):
+@pytest.mark.parametrize("form", ["stacked", "scan", "per_layer"])
+def test_kv_cache_prefill_and_decode_match_full_forward(models, batch, form):
+    """Prefill + one token at a time equals the full forward with each cache form: the
+    stacked cache (unrolled layers), its slices under nn.scan, and the per-layer decode
+    layout (``KVCache.per_layer``, read by ``attention.cached_attention``)."""
+    scan = form == "scan"
     _, config, params = models["gqa_untied_linear_headdim_bias"]
     config = dataclasses.replace(config, scan_layers=scan)
     params = llama.relayout_params(params, dataclasses.replace(config, scan_layers=False), scan)
@@ -155,6 +159,8 @@ def test_kv_cache_prefill_and_decode_match_full_forward(models, batch, scan):
     cache = KVCache.empty(
         config.num_hidden_layers, batch_size, length, config.num_key_value_heads, config.head_dim
     )
+    if form == "per_layer":
+        cache = cache.per_layer()
     step_logits = []
     prefill = 4  # then one token at a time; examples end (become padding) at 6, 9, 12
     chunks = [(0, prefill)] + [(t, t + 1) for t in range(prefill, length)]
@@ -166,8 +172,10 @@ def test_kv_cache_prefill_and_decode_match_full_forward(models, batch, scan):
         step_logits.append(np.asarray(logits))
     stepped = np.concatenate(step_logits, axis=1)
     diff = np.abs(stepped[valid] - np.asarray(full)[valid]).max()
-    print(f"scan={scan}: max |cached - full| = {diff:.2e}")
+    print(f"{form}: max |cached - full| = {diff:.2e}")
     assert diff < 1e-5
+    assert cache.is_per_layer == (form == "per_layer")
+    cache = cache.stacked()
     assert int(cache.end) == length
     np.testing.assert_array_equal(np.asarray(cache.pos), positions)
     assert cache.k.shape == (
@@ -177,6 +185,40 @@ def test_kv_cache_prefill_and_decode_match_full_forward(models, batch, scan):
         config.num_key_value_heads,
         config.head_dim,
     )
+
+
+def test_per_layer_cache_layout_round_trips():
+    rng = np.random.default_rng(0)
+    k, v = (jnp.asarray(rng.standard_normal((3, 2, 5, 2, 4)), jnp.float32) for _ in range(2))
+    cache = KVCache(k=k, v=v, pos=jnp.zeros((2, 5), jnp.int32), end=jnp.asarray(5))
+    split = cache.per_layer()
+    assert split.is_per_layer and len(split.k) == 3
+    assert split.k[0].shape == (2, 2, 4, 5) and split.v[0].shape == (2, 2, 5, 4)
+    np.testing.assert_array_equal(np.asarray(split.k[1]), np.asarray(k[1]).transpose(0, 2, 3, 1))
+    back = split.stacked()
+    np.testing.assert_array_equal(np.asarray(back.k), np.asarray(k))
+    np.testing.assert_array_equal(np.asarray(back.v), np.asarray(v))
+    assert split.per_layer() is split and cache.stacked() is cache
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_cached_attention_matches_dot_product_attention(q_len):
+    """The decode-layout attention (keys [B, KVH, D, S], values [B, KVH, S, D]) gives the
+    same output as the reference layout, grouped-query heads, with a mask that hides a
+    different set of slots per row and fully masks one query row."""
+    rng = np.random.default_rng(1)
+    batch, slots, heads, kv_heads, dim = 2, 7, 6, 2, 4
+    q = jnp.asarray(rng.standard_normal((batch, q_len, heads, dim)), jnp.float32)
+    k, v = (
+        jnp.asarray(rng.standard_normal((batch, slots, kv_heads, dim)), jnp.float32)
+        for _ in range(2)
+    )
+    mask = rng.random((batch, 1, q_len, slots)) > 0.4
+    mask[1, 0, 0] = False
+    mask = jnp.asarray(mask)
+    want = dot_product_attention(q, k, v, mask)
+    got = cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(models, batch):

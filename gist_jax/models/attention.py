@@ -21,6 +21,25 @@ import jax.numpy as jnp
 MASK_VALUE = -1e30
 
 
+def _masked_softmax(
+    logits: jax.Array, mask: jax.Array | None, dtype: jnp.dtype, bias: jax.Array | None = None
+) -> jax.Array:
+    """Softmax over the last axis of float32 ``logits [B, KVH, G, Q, K]`` after adding
+    ``bias`` (``[B or 1, H, Q, K]``) and masking with ``bool[B, 1 or H, Q, K]``; returns
+    the weights in ``dtype``."""
+    batch, kv_heads, groups, q_len, k_len = logits.shape
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32).reshape(-1, kv_heads, groups, q_len, k_len)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, k_len))
+        if mask.shape[1] == 1:
+            mask = mask[:, :, None]
+        else:
+            mask = mask.reshape(batch, kv_heads, groups, q_len, k_len)
+        logits = jnp.where(mask, logits, MASK_VALUE)
+    return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -49,19 +68,42 @@ def dot_product_attention(
         scale = head_dim**-0.5
     q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=jnp.float32)
-    logits = logits * scale
-    k_len = key.shape[1]
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32).reshape(-1, kv_heads, groups, q_len, k_len)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, k_len))
-        if mask.shape[1] == 1:
-            mask = mask[:, :, None]
-        else:
-            mask = mask.reshape(batch, kv_heads, groups, q_len, k_len)
-        logits = jnp.where(mask, logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    weights = _masked_softmax(logits * scale, mask, value.dtype, bias)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value)
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+def cached_attention(
+    query: jax.Array,
+    key_t: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    scale: float | None = None,
+) -> jax.Array:
+    """``dot_product_attention`` over a cache in the decode layout of
+    ``KVCache.per_layer``: ``key_t [B, KVH, D, S]`` and ``value [B, KVH, S, D]``.
+
+    In these layouts both products are plain batched matrix products (``[G*Q, D] x [D, S]``
+    and ``[G*Q, S] x [S, D]`` per batch row and key/value head), which XLA:CPU runs on
+    the cache buffers as they are; with keys and values as ``[B, S, KVH, D]`` it first
+    copies both into that form, per layer and per decoded token, which cost more than the
+    products themselves (batch 16, 127 slots: ~50 ms vs ~6 ms per token over 30 layers).
+    """
+    batch, q_len, heads, head_dim = query.shape
+    kv_heads, slots = key_t.shape[1], key_t.shape[3]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
+    groups = heads // kv_heads
+    if scale is None:
+        scale = head_dim**-0.5
+    q = query.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, kv_heads, groups * q_len, head_dim)
+    logits = jnp.einsum("bhqd,bhdk->bhqk", q, key_t, preferred_element_type=jnp.float32)
+    logits = logits.reshape(batch, kv_heads, groups, q_len, slots)
+    weights = _masked_softmax(logits * scale, mask, value.dtype)
+    weights = weights.reshape(batch, kv_heads, groups * q_len, slots)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, value)
+    out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, heads, head_dim)
 
 
@@ -70,7 +112,8 @@ class KVCache:
     """Per-layer keys/values of a decoder, with the absolute position of every slot.
 
     Attributes:
-      k, v: ``[layers, B, S, KVH, D]``; LLaMA stores keys already rotated (RoPE).
+      k, v: ``[layers, B, S, KVH, D]``, or per-layer tuples in the decode layout (see
+        ``per_layer``); LLaMA stores keys already rotated (RoPE).
       pos: ``int32[B, S]`` absolute position of each slot in the uncompressed sequence;
         ``-1`` marks an empty slot (never attended to).
       end: ``int32[]`` next slot to write, shared by the batch. Examples with different
@@ -107,6 +150,37 @@ class KVCache:
     def size(self) -> int:
         return self.pos.shape[1]
 
+    @property
+    def is_per_layer(self) -> bool:
+        """Whether ``k``/``v`` are the per-layer decode form (see ``per_layer``) rather
+        than ``[layers, B, S, KVH, D]`` stacks."""
+        return isinstance(self.k, tuple | list)
+
+    def per_layer(self) -> KVCache:
+        """The same cache as one buffer per layer in the layout ``cached_attention`` reads
+        without copying: ``k`` a tuple of ``[B, KVH, D, S]`` (keys transposed), ``v`` a
+        tuple of ``[B, KVH, S, D]``. What the decode loop carries through an unrolled model.
+
+        Why separate buffers: XLA:CPU also copies a layer's slice out of a stacked buffer
+        before a product reads it; a buffer of its own is read in place, and the writes
+        stay in-place ``dynamic_update_slice``s.
+        """
+        if self.is_per_layer:
+            return self
+        return self.replace(
+            k=tuple(jnp.transpose(self.k[i], (0, 2, 3, 1)) for i in range(self.k.shape[0])),
+            v=tuple(jnp.transpose(self.v[i], (0, 2, 1, 3)) for i in range(self.v.shape[0])),
+        )
+
+    def stacked(self) -> KVCache:
+        """The ``[layers, B, S, KVH, D]`` form (inverse of ``per_layer``)."""
+        if not self.is_per_layer:
+            return self
+        return self.replace(
+            k=jnp.stack([jnp.transpose(k, (0, 3, 1, 2)) for k in self.k]),
+            v=jnp.stack([jnp.transpose(v, (0, 2, 1, 3)) for v in self.v]),
+        )
+
     def positions_after_append(self, positions: jax.Array) -> jax.Array:
         """Slot positions ``int32[B, S]`` once ``positions`` (``[B, Q]``, -1 = padding)
         are written at ``end``: what a caller needs to build the mask for that call."""
@@ -126,6 +200,22 @@ def write_layer_cache(
     cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), start)
     cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), start)
     return cache_k, cache_v
+
+
+def write_per_layer_cache(
+    cache_k_t: jax.Array,
+    cache_v: jax.Array,
+    end: jax.Array,
+    new_k: jax.Array,
+    new_v: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Write one layer's new keys/values ``[B, Q, KVH, D]`` at slot ``end`` of its cache in
+    the ``KVCache.per_layer`` layout (``k [B, KVH, D, S]``, ``v [B, KVH, S, D]``)."""
+    k_t = jnp.transpose(new_k, (0, 2, 3, 1)).astype(cache_k_t.dtype)
+    v = jnp.transpose(new_v, (0, 2, 1, 3)).astype(cache_v.dtype)
+    cache_k_t = jax.lax.dynamic_update_slice(cache_k_t, k_t, (0, 0, 0, end))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v, (0, 0, end, 0))
+    return cache_k_t, cache_v
 
 
 def write_stacked_cache(

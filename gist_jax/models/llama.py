@@ -49,8 +49,10 @@ from gist_jax.models.attention import (
     HeadMerge,
     HeadProjection,
     KVCache,
+    cached_attention,
     dot_product_attention,
     write_layer_cache,
+    write_per_layer_cache,
     write_stacked_cache,
 )
 
@@ -348,12 +350,14 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional cache: a per-layer slice
-    ``[B, S, KVH, D]`` (``cache_layer`` None, as under ``nn.scan``) or the whole stacked
+    ``[B, S, KVH, D]`` (``cache_layer`` None, as under ``nn.scan``), the whole stacked
     ``[layers, B, S, KVH, D]`` cache of which this is layer ``cache_layer`` (unrolled
-    layers; see ``attention.write_stacked_cache`` for why)."""
+    layers; see ``attention.write_stacked_cache`` for why), or, with ``per_layer_cache``,
+    this layer's own buffers in the decode layout of ``KVCache.per_layer``."""
 
     config: LlamaConfig
     cache_layer: int | None = None
+    per_layer_cache: bool = False
 
     @nn.compact
     def __call__(
@@ -389,15 +393,19 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
         new_kv = None
-        if kv is not None:
+        if kv is not None and self.per_layer_cache:
+            new_kv = write_per_layer_cache(kv[0], kv[1], end, k, v)
+            out = cached_attention(q, new_kv[0].astype(dtype), new_kv[1].astype(dtype), mask)
+        elif kv is not None:
             if self.cache_layer is None:
                 new_kv = write_layer_cache(kv[0], kv[1], end, k, v)
                 cache_k, cache_v = new_kv
             else:
                 new_kv = write_stacked_cache(kv[0], kv[1], self.cache_layer, end, k, v)
                 cache_k, cache_v = new_kv[0][self.cache_layer], new_kv[1][self.cache_layer]
-            k, v = cache_k.astype(dtype), cache_v.astype(dtype)
-        out = dot_product_attention(q, k, v, mask)
+            out = dot_product_attention(q, cache_k.astype(dtype), cache_v.astype(dtype), mask)
+        else:
+            out = dot_product_attention(q, k, v, mask)
         out = HeadMerge(
             features=cfg.hidden_size,
             kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
@@ -441,10 +449,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block. Signature fits ``nn.scan``: the hidden state is the carry,
     the per-layer cache slice is the scanned input/output. Unrolled, ``cache_layer`` says
-    which layer of the whole stacked cache ``kv`` is this one's (see ``Attention``)."""
+    which layer of the whole stacked cache ``kv`` is this one's, or ``per_layer_cache``
+    says ``kv`` is this layer's own pair of buffers (see ``Attention``)."""
 
     config: LlamaConfig
     cache_layer: int | None = None
+    per_layer_cache: bool = False
 
     @nn.compact
     def __call__(
@@ -457,7 +467,9 @@ class DecoderLayer(nn.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
         x = RMSNorm(cfg, name="input_layernorm")(hidden)
-        attn, new_kv = Attention(cfg, self.cache_layer, name="self_attn")(x, rope, mask, kv, end)
+        attn, new_kv = Attention(cfg, self.cache_layer, self.per_layer_cache, name="self_attn")(
+            x, rope, mask, kv, end
+        )
         hidden = hidden + attn
         x = RMSNorm(cfg, name="post_attention_layernorm")(hidden)
         hidden = hidden + MLP(cfg, name="mlp")(x)
@@ -532,6 +544,8 @@ class LlamaForCausalLM(nn.Module):
         layer_cls = _layer_class(cfg)
 
         if cfg.scan_layers:
+            if cache is not None:
+                cache = cache.stacked()  # scanned over its leading [layers] axis
             scanned = nn.scan(
                 layer_cls,
                 variable_axes={"params": 0},
@@ -542,6 +556,15 @@ class LlamaForCausalLM(nn.Module):
             )
             kv = None if cache is None else (cache.k, cache.v)
             hidden, new_kv = scanned(cfg, name="layers")(hidden, rope, mask, kv, end)
+        elif cache is not None and cache.is_per_layer:
+            # One buffer per layer (KVCache.per_layer): each layer writes and reads its own.
+            new_k, new_v = [], []
+            for i in range(cfg.num_hidden_layers):
+                layer = layer_cls(cfg, per_layer_cache=True, name=f"layers_{i}")
+                hidden, (k_i, v_i) = layer(hidden, rope, mask, (cache.k[i], cache.v[i]), end)
+                new_k.append(k_i)
+                new_v.append(v_i)
+            new_kv = (tuple(new_k), tuple(new_v))
         else:
             # Each layer writes its new keys/values into the stacked cache itself.
             new_kv = None if cache is None else (cache.k, cache.v)

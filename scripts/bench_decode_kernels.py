@@ -1,0 +1,119 @@
+"""Time the two kinds of work in one SmolLM2 decode step at batch 16, in isolation:
+
+1. attention of one new token over a 127-slot KV cache in 30 layers, with the cache as the
+   stacked ``[layers, B, slots, kv_heads, head_dim]`` array (``dot_product_attention`` on
+   each layer's slice, how decoding read it before) and as one buffer per layer in the
+   decode layout (``KVCache.per_layer`` + ``cached_attention``, how it reads it now);
+2. the SwiGLU MLP's three products in 30 layers with 16 rows (weights not in cache: 318
+   MB in all), in JAX and in PyTorch (``F.linear``, transformers' layout).
+
+Random data; median of 20 calls after warm-up. Prints milliseconds per decode step.
+
+    python scripts/bench_decode_kernels.py [--rows 16] [--slots 127]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gist_jax.benchmark import common
+from gist_jax.models.attention import KVCache, cached_attention, dot_product_attention
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, DIM, HIDDEN = 30, 9, 3, 64, 576, 1536
+
+
+def median_ms(fn: Callable[..., Any], *args: Any, calls: int = 20) -> float:
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def attention(rows: int, slots: int, rng: np.random.Generator) -> dict[str, float]:
+    shape = (LAYERS, rows, slots, KV_HEADS, HEAD_DIM)
+    k, v = (jnp.asarray(rng.normal(size=shape).astype(np.float32)) for _ in range(2))
+    cache = KVCache(k=k, v=v, pos=jnp.zeros((rows, slots), jnp.int32), end=jnp.asarray(0))
+    split = jax.jit(KVCache.per_layer)(cache)
+    q = jnp.asarray(rng.normal(size=(rows, 1, HEADS, HEAD_DIM)).astype(np.float32))
+    mask = jnp.ones((rows, 1, 1, slots), bool)
+
+    @jax.jit
+    def stacked(q: jax.Array, k: jax.Array, v: jax.Array) -> list[jax.Array]:
+        return [dot_product_attention(q, k[i], v[i], mask) for i in range(LAYERS)]
+
+    @jax.jit
+    def per_layer(q: jax.Array, ks: tuple, vs: tuple) -> list[jax.Array]:
+        return [cached_attention(q, kt, vv, mask) for kt, vv in zip(ks, vs, strict=True)]
+
+    want, got = stacked(q, k, v), per_layer(q, split.k, split.v)
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(want, got, strict=True))
+    return {
+        "attention, stacked cache (before)": median_ms(stacked, q, k, v),
+        "attention, per-layer decode layout (now)": median_ms(per_layer, q, split.k, split.v),
+        "max |difference|": diff,
+    }
+
+
+def mlp(rows: int, rng: np.random.Generator) -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+
+    common.configure_torch()  # the same thread count as XLA, as in the benchmark
+
+    def weights(a: int, b: int) -> list[np.ndarray]:
+        return [(rng.normal(size=(a, b)) * 0.02).astype(np.float32) for _ in range(LAYERS)]
+
+    gate, up, down = weights(DIM, HIDDEN), weights(DIM, HIDDEN), weights(HIDDEN, DIM)
+    x = rng.normal(size=(rows, DIM)).astype(np.float32)
+
+    @jax.jit
+    def jax_mlp(x: jax.Array, g: list, u: list, d: list) -> jax.Array:
+        for i in range(LAYERS):
+            x = x + (jax.nn.silu(x @ g[i]) * (x @ u[i])) @ d[i]
+        return x
+
+    # transformers' nn.Linear layout: [out, in].
+    tg, tu, td = ([torch.from_numpy(w.T.copy()) for w in ws] for ws in (gate, up, down))
+
+    def torch_mlp(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for i in range(LAYERS):
+                x = x + F.linear(F.silu(F.linear(x, tg[i])) * F.linear(x, tu[i]), td[i])
+        return x
+
+    as_jax = [[jnp.asarray(w) for w in ws] for ws in (gate, up, down)]
+    return {
+        "MLP products, JAX": median_ms(jax_mlp, jnp.asarray(x), *as_jax),
+        "MLP products, PyTorch": median_ms(torch_mlp, torch.from_numpy(x)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--slots", type=int, default=127)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    results = {**attention(args.rows, args.slots, rng), **mlp(args.rows, rng)}
+    flops = 2 * args.rows * LAYERS * 3 * DIM * HIDDEN
+    print(f"batch {args.rows}, {args.slots} cache slots, {LAYERS} layers (ms per decode step)")
+    for name, value in results.items():
+        print(f"  {name:42s} {value:10.3g}")
+    for name in ("MLP products, JAX", "MLP products, PyTorch"):
+        print(f"  {name + ' GFLOP/s':42s} {flops / results[name] / 1e6:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
