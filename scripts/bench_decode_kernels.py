@@ -3,7 +3,7 @@
 1. attention of one new token over a 127-slot KV cache in 30 layers, with the cache as the
    stacked ``[layers, B, slots, kv_heads, head_dim]`` array (``dot_product_attention`` on
    each layer's slice, how decoding read it before) and as one buffer per layer in the
-   decode layout (``KVCache.per_layer`` + ``cached_attention``, how it reads it now);
+   decode layout (``KVCache.per_layer`` + ``heads_major_attention``, how it reads it now);
 2. the SwiGLU MLP's three products in 30 layers with 16 rows (weights not in cache: 318
    MB in all), in JAX and in PyTorch (``F.linear``, transformers' layout).
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.benchmark import common
-from gist_jax.models.attention import KVCache, cached_attention, dot_product_attention
+from gist_jax.models.attention import KVCache, dot_product_attention, heads_major_attention
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, DIM, HIDDEN = 30, 9, 3, 64, 576, 1536
 
@@ -55,7 +55,7 @@ def attention(rows: int, slots: int, rng: np.random.Generator) -> dict[str, floa
 
     @jax.jit
     def per_layer(q: jax.Array, ks: tuple, vs: tuple) -> list[jax.Array]:
-        return [cached_attention(q, kt, vv, mask) for kt, vv in zip(ks, vs, strict=True)]
+        return [heads_major_attention(q, kt, vv, mask) for kt, vv in zip(ks, vs, strict=True)]
 
     want, got = stacked(q, k, v), per_layer(q, split.k, split.v)
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(want, got, strict=True))

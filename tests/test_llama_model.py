@@ -16,7 +16,7 @@ import pytest
 from gist_jax import gist
 from gist_jax.convert import llama as convert_llama
 from gist_jax.models import llama, registry
-from gist_jax.models.attention import KVCache, cached_attention, dot_product_attention
+from gist_jax.models.attention import KVCache, dot_product_attention, heads_major_attention
 
 CONFIG_NAMES = list(fx.TINY_CONFIGS)
 
@@ -144,7 +144,7 @@ def test_scan_and_remat_match_unrolled(models, batch, scan, remat):
 def test_kv_cache_prefill_and_decode_match_full_forward(models, batch, form):
     """Prefill + one token at a time equals the full forward with each cache form: the
     stacked cache (unrolled layers), its slices under nn.scan, and the per-layer decode
-    layout (``KVCache.per_layer``, read by ``attention.cached_attention``)."""
+    layout (``KVCache.per_layer``, read by ``attention.heads_major_attention``)."""
     scan = form == "scan"
     _, config, params = models["gqa_untied_linear_headdim_bias"]
     config = dataclasses.replace(config, scan_layers=scan)
@@ -202,10 +202,10 @@ def test_per_layer_cache_layout_round_trips():
 
 
 @pytest.mark.parametrize("q_len", [1, 3])
-def test_cached_attention_matches_dot_product_attention(q_len):
-    """The decode-layout attention (keys [B, KVH, D, S], values [B, KVH, S, D]) gives the
-    same output as the reference layout, grouped-query heads, with a mask that hides a
-    different set of slots per row and fully masks one query row."""
+def test_heads_major_attention_matches_dot_product_attention(q_len):
+    """The heads-major attention (keys [B, KVH, D, S], values [B, KVH, S, D]) gives the
+    same output and gradients as the reference layout, grouped-query heads, with a mask
+    that hides a different set of slots per row and fully masks one query row."""
     rng = np.random.default_rng(1)
     batch, slots, heads, kv_heads, dim = 2, 7, 6, 2, 4
     q = jnp.asarray(rng.standard_normal((batch, q_len, heads, dim)), jnp.float32)
@@ -217,8 +217,25 @@ def test_cached_attention_matches_dot_product_attention(q_len):
     mask[1, 0, 0] = False
     mask = jnp.asarray(mask)
     want = dot_product_attention(q, k, v, mask)
-    got = cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
+    got = heads_major_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+    # Its hand-written gradient against autodiff of the reference, for all three inputs.
+    weights = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+
+    def reference(q, k, v):
+        return jnp.sum(dot_product_attention(q, k, v, mask) * weights)
+
+    def heads_major(q, k, v):
+        out = heads_major_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
+        return jnp.sum(out * weights)
+
+    for a, b in zip(
+        jax.grad(reference, argnums=(0, 1, 2))(q, k, v),
+        jax.grad(heads_major, argnums=(0, 1, 2))(q, k, v),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(models, batch):

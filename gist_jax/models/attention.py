@@ -8,6 +8,7 @@ uniform, finite softmax instead of NaN.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -73,38 +74,115 @@ def dot_product_attention(
     return out.reshape(batch, q_len, heads, head_dim)
 
 
-def cached_attention(
+def heads_major_attention(
     query: jax.Array,
     key_t: jax.Array,
     value: jax.Array,
     mask: jax.Array | None,
     scale: float | None = None,
 ) -> jax.Array:
-    """``dot_product_attention`` over a cache in the decode layout of
-    ``KVCache.per_layer``: ``key_t [B, KVH, D, S]`` and ``value [B, KVH, S, D]``.
+    """``dot_product_attention`` with keys and values laid out per key/value head:
+    ``key_t [B, KVH, D, S]`` (transposed) and ``value [B, KVH, S, D]``; ``query
+    [B, Q, H, D]``, ``mask bool[B, 1 or H, Q, S]``; returns ``[B, Q, H, D]``.
 
-    In these layouts both products are plain batched matrix products (``[G*Q, D] x [D, S]``
-    and ``[G*Q, S] x [S, D]`` per batch row and key/value head), which XLA:CPU runs on
-    the cache buffers as they are; with keys and values as ``[B, S, KVH, D]`` it first
-    copies both into that form, per layer and per decoded token, which cost more than the
-    products themselves (batch 16, 127 slots: ~50 ms vs ~6 ms per token over 30 layers).
+    Why this layout: every product is then a plain batched matrix product per batch row
+    and key/value head (``[G*Q, D] x [D, S]``, ``[G*Q, S] x [S, D]``), which XLA:CPU runs
+    on its operands as they are, and the softmax reduces over the contiguous last axis.
+    With ``[B, S, KVH, D]`` operands it first copies them into that form, which in decoding
+    (the ``KVCache.per_layer`` cache is kept in this layout) cost more than the products
+    (batch 16, 127 slots, 30 layers: ~47 ms vs ~7 ms per token). The gradient is written
+    out (``_attend``): the softmax backward's row sums are taken over ``D`` of the output,
+    not over ``S`` of the probabilities.
     """
     batch, q_len, heads, head_dim = query.shape
-    kv_heads, slots = key_t.shape[1], key_t.shape[3]
+    kv_heads = key_t.shape[1]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
     groups = heads // kv_heads
     if scale is None:
         scale = head_dim**-0.5
     q = query.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-    q = q.reshape(batch, kv_heads, groups * q_len, head_dim)
-    logits = jnp.einsum("bhqd,bhdk->bhqk", q, key_t, preferred_element_type=jnp.float32)
-    logits = logits.reshape(batch, kv_heads, groups, q_len, slots)
-    weights = _masked_softmax(logits * scale, mask, value.dtype)
-    weights = weights.reshape(batch, kv_heads, groups * q_len, slots)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights, value)
-    out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
-    return out.reshape(batch, q_len, heads, head_dim)
+    if mask is not None:
+        # [B, 1 or H, Q, S] -> [B, 1 or KVH, 1 or G, Q, S], the layout of the logits.
+        mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, key_t.shape[3]))
+        if mask.shape[1] == 1:
+            mask = mask[:, :, None]
+        else:
+            mask = mask.reshape(batch, kv_heads, groups, q_len, key_t.shape[3])
+    out = _attend(q, key_t, value, mask, float(scale))
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
+
+
+def _merge_groups(x: jax.Array) -> jax.Array:
+    """``[B, KVH, G, Q, N]`` -> ``[B, KVH, G*Q, N]`` (a free reshape)."""
+    return x.reshape(*x.shape[:2], x.shape[2] * x.shape[3], x.shape[4])
+
+
+def _attention_probs(
+    q: jax.Array, key_t: jax.Array, mask: jax.Array | None, scale: float
+) -> jax.Array:
+    """Float32 softmax probabilities ``[B, KVH, G, Q, S]`` of ``q [B, KVH, G, Q, D]``
+    against ``key_t [B, KVH, D, S]``."""
+    b, h, g, n, _ = q.shape
+    logits = jnp.einsum(
+        "bhqd,bhds->bhqs", _merge_groups(q), key_t, preferred_element_type=jnp.float32
+    )
+    logits = logits.reshape(b, h, g, n, key_t.shape[3]) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, MASK_VALUE)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    # One reciprocal per row and a product per entry: XLA:CPU's elementwise division was
+    # among the slowest ops of the train step's profile at 1,024-token rows.
+    return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(
+    q: jax.Array, key_t: jax.Array, value: jax.Array, mask: jax.Array | None, scale: float
+) -> jax.Array:
+    """``softmax(q k^T * scale, masked) v`` for ``q [B, KVH, G, Q, D]``, ``key_t
+    [B, KVH, D, S]``, ``value [B, KVH, S, D]`` -> ``[B, KVH, G, Q, D]``."""
+    return _attend_fwd(q, key_t, value, mask, scale)[0]
+
+
+def _attend_fwd(
+    q: jax.Array, key_t: jax.Array, value: jax.Array, mask: jax.Array | None, scale: float
+) -> tuple[jax.Array, tuple]:
+    probs = _attention_probs(q, key_t, mask, scale)
+    out = jnp.einsum("bhqs,bhsd->bhqd", _merge_groups(probs).astype(value.dtype), value)
+    out = out.reshape(q.shape)
+    return out, (q, key_t, value, mask, probs, out)
+
+
+def _attend_bwd(scale: float, res: tuple, d_out: jax.Array) -> tuple:
+    q, key_t, value, mask, probs, out = res
+    f32 = jnp.float32
+    d_out_m = _merge_groups(d_out)
+    d_probs = jnp.einsum("bhqd,bhsd->bhqs", d_out_m, value, preferred_element_type=f32)
+    d_probs = d_probs.reshape(probs.shape)
+    # Softmax backward: sum_s p * dp == sum_d dO * O, a reduction over D instead of S.
+    rows = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    d_logits = probs * (d_probs - rows)
+    if mask is not None:
+        d_logits = jnp.where(mask, d_logits, 0.0)  # as jnp.where's gradient in the forward
+    d_logits = _merge_groups(d_logits * scale).astype(q.dtype)
+    d_q = jnp.einsum("bhqs,bhds->bhqd", d_logits, key_t, preferred_element_type=f32)
+    d_key_t = jnp.einsum("bhqd,bhqs->bhds", _merge_groups(q), d_logits, preferred_element_type=f32)
+    d_value = jnp.einsum(
+        "bhqs,bhqd->bhsd",
+        _merge_groups(probs).astype(value.dtype),
+        d_out_m,
+        preferred_element_type=f32,
+    )
+    return (
+        d_q.reshape(q.shape).astype(q.dtype),
+        d_key_t.astype(key_t.dtype),
+        d_value.astype(value.dtype),
+        None,
+    )
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 @flax.struct.dataclass
@@ -157,7 +235,7 @@ class KVCache:
         return isinstance(self.k, tuple | list)
 
     def per_layer(self) -> KVCache:
-        """The same cache as one buffer per layer in the layout ``cached_attention`` reads
+        """The same cache as one buffer per layer in the layout ``heads_major_attention`` reads
         without copying: ``k`` a tuple of ``[B, KVH, D, S]`` (keys transposed), ``v`` a
         tuple of ``[B, KVH, S, D]``. What the decode loop carries through an unrolled model.
 

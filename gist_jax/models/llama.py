@@ -49,8 +49,8 @@ from gist_jax.models.attention import (
     HeadMerge,
     HeadProjection,
     KVCache,
-    cached_attention,
     dot_product_attention,
+    heads_major_attention,
     write_layer_cache,
     write_per_layer_cache,
     write_stacked_cache,
@@ -395,7 +395,7 @@ class Attention(nn.Module):
         new_kv = None
         if kv is not None and self.per_layer_cache:
             new_kv = write_per_layer_cache(kv[0], kv[1], end, k, v)
-            out = cached_attention(q, new_kv[0].astype(dtype), new_kv[1].astype(dtype), mask)
+            out = heads_major_attention(q, new_kv[0].astype(dtype), new_kv[1].astype(dtype), mask)
         elif kv is not None:
             if self.cache_layer is None:
                 new_kv = write_layer_cache(kv[0], kv[1], end, k, v)
@@ -405,7 +405,7 @@ class Attention(nn.Module):
                 cache_k, cache_v = new_kv[0][self.cache_layer], new_kv[1][self.cache_layer]
             out = dot_product_attention(q, cache_k.astype(dtype), cache_v.astype(dtype), mask)
         else:
-            out = dot_product_attention(q, k, v, mask)
+            out = heads_major_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
         out = HeadMerge(
             features=cfg.hidden_size,
             kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
