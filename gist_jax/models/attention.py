@@ -22,22 +22,34 @@ import jax.numpy as jnp
 MASK_VALUE = -1e30
 
 
+def _head_groups(query: jax.Array, kv_heads: int, scale: float | None) -> tuple[int, float]:
+    """Query heads per key/value head, and the logit scale (``None``: ``D ** -0.5``)."""
+    heads, head_dim = query.shape[2], query.shape[3]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
+    return heads // kv_heads, head_dim**-0.5 if scale is None else scale
+
+
+def _grouped_mask(mask: jax.Array, kv_heads: int, groups: int, q_len: int, k_len: int) -> jax.Array:
+    """``bool[B, 1 or H, Q, K]`` -> ``[B, 1 or KVH, 1 or G, Q, K]``, the logits' layout."""
+    batch = mask.shape[0]
+    mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, k_len))
+    if mask.shape[1] == 1:
+        return mask[:, :, None]
+    return mask.reshape(batch, kv_heads, groups, q_len, k_len)
+
+
 def _masked_softmax(
     logits: jax.Array, mask: jax.Array | None, dtype: jnp.dtype, bias: jax.Array | None = None
 ) -> jax.Array:
     """Softmax over the last axis of float32 ``logits [B, KVH, G, Q, K]`` after adding
     ``bias`` (``[B or 1, H, Q, K]``) and masking with ``bool[B, 1 or H, Q, K]``; returns
     the weights in ``dtype``."""
-    batch, kv_heads, groups, q_len, k_len = logits.shape
+    _, kv_heads, groups, q_len, k_len = logits.shape
     if bias is not None:
         logits = logits + bias.astype(jnp.float32).reshape(-1, kv_heads, groups, q_len, k_len)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, k_len))
-        if mask.shape[1] == 1:
-            mask = mask[:, :, None]
-        else:
-            mask = mask.reshape(batch, kv_heads, groups, q_len, k_len)
-        logits = jnp.where(mask, logits, MASK_VALUE)
+        logits = jnp.where(_grouped_mask(mask, kv_heads, groups, q_len, k_len), logits, MASK_VALUE)
     return jax.nn.softmax(logits, axis=-1).astype(dtype)
 
 
@@ -62,11 +74,7 @@ def dot_product_attention(
     """
     batch, q_len, heads, head_dim = query.shape
     kv_heads = key.shape[2]
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
-    groups = heads // kv_heads
-    if scale is None:
-        scale = head_dim**-0.5
+    groups, scale = _head_groups(query, kv_heads, scale)
     q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=jnp.float32)
     weights = _masked_softmax(logits * scale, mask, value.dtype, bias)
@@ -96,19 +104,10 @@ def heads_major_attention(
     """
     batch, q_len, heads, head_dim = query.shape
     kv_heads = key_t.shape[1]
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
-    groups = heads // kv_heads
-    if scale is None:
-        scale = head_dim**-0.5
+    groups, scale = _head_groups(query, kv_heads, scale)
     q = query.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     if mask is not None:
-        # [B, 1 or H, Q, S] -> [B, 1 or KVH, 1 or G, Q, S], the layout of the logits.
-        mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, key_t.shape[3]))
-        if mask.shape[1] == 1:
-            mask = mask[:, :, None]
-        else:
-            mask = mask.reshape(batch, kv_heads, groups, q_len, key_t.shape[3])
+        mask = _grouped_mask(mask, kv_heads, groups, q_len, key_t.shape[3])
     out = _attend(q, key_t, value, mask, float(scale))
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
 
