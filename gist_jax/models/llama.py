@@ -49,7 +49,6 @@ from gist_jax.models.attention import (
     HeadMerge,
     HeadProjection,
     KVCache,
-    dot_product_attention,
     heads_major_attention,
     write_layer_cache,
     write_per_layer_cache,
@@ -392,20 +391,24 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
+        # Every cache form ends in the heads-major layout that `heads_major_attention`
+        # reads (keys [B, KVH, D, S], values [B, KVH, S, D]); only the per-layer decode
+        # cache is stored that way, the others are transposed here.
         new_kv = None
-        if kv is not None and self.per_layer_cache:
+        if kv is None:
+            keys_t, values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+        elif self.per_layer_cache:
             new_kv = write_per_layer_cache(kv[0], kv[1], end, k, v)
-            out = heads_major_attention(q, new_kv[0].astype(dtype), new_kv[1].astype(dtype), mask)
-        elif kv is not None:
+            keys_t, values = new_kv
+        else:
             if self.cache_layer is None:
                 new_kv = write_layer_cache(kv[0], kv[1], end, k, v)
                 cache_k, cache_v = new_kv
             else:
                 new_kv = write_stacked_cache(kv[0], kv[1], self.cache_layer, end, k, v)
                 cache_k, cache_v = new_kv[0][self.cache_layer], new_kv[1][self.cache_layer]
-            out = dot_product_attention(q, cache_k.astype(dtype), cache_v.astype(dtype), mask)
-        else:
-            out = heads_major_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
+            keys_t, values = cache_k.transpose(0, 2, 3, 1), cache_v.transpose(0, 2, 1, 3)
+        out = heads_major_attention(q, keys_t.astype(dtype), values.astype(dtype), mask)
         out = HeadMerge(
             features=cfg.hidden_size,
             kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
