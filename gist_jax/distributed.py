@@ -34,7 +34,9 @@ Timeouts (seconds, passed to ``jax.distributed.initialize``; ``gist-train`` flag
 Failing fast: ``fail_fast`` (called by ``gist-train`` for any error in a multi-process run)
 prints which process stopped and why, and exits at once with status 1. Without it the
 process would wait at JAX's shutdown barrier for peers that are blocked in a collective
-with it, and the whole job would hang until the timeouts ran out. ``check_same`` compares
+with it, and the whole job would hang until the timeouts ran out. When the runtime itself
+aborts the process from native code (it often learns of a dead peer first),
+``report_native_aborts`` ends the log with the same kind of message. ``check_same`` compares
 a set of values (the resolved config) across processes at start-up, so a process started
 with a different config or mesh stops every process with a message naming the keys.
 
@@ -44,11 +46,14 @@ without it CPU computations cannot span processes.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import faulthandler
 import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Mapping
@@ -173,10 +178,12 @@ def initialize(
     initialization_timeout_s: int = INITIALIZATION_TIMEOUT_S,
     heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
     shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S,
+    program: str = "gist-train",
 ) -> ProcessSpec | str | None:
     """Initialise JAX's distributed runtime when this is one of several processes; must run
     before the first device query. Returns what ``resolve`` decided (``None``: single).
-    The timeouts are explained in the module docstring."""
+    The timeouts are explained in the module docstring; ``program`` names the command in
+    the message printed when the runtime aborts this process (``report_native_aborts``)."""
     for name, value in (
         ("initialization_timeout_s", initialization_timeout_s),
         ("heartbeat_timeout_s", heartbeat_timeout_s),
@@ -197,6 +204,7 @@ def initialize(
     )
     if spec == "auto":
         jax.distributed.initialize(**timeouts)
+        report_native_aborts(program)
         return spec
     jax.distributed.initialize(
         coordinator_address=spec.coordinator_address,
@@ -208,6 +216,7 @@ def initialize(
         cluster_detection_method="deactivate",
         **timeouts,
     )
+    report_native_aborts(program)
     return spec
 
 
@@ -310,3 +319,44 @@ def fail_fast(err: BaseException, program: str = "gist-train") -> NoReturn:
     print(failure_message(err, program), file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)
+
+
+# The C handler must outlive the call that installs it.
+_abort_handler: ctypes._CFuncPtr | None = None
+
+
+def report_native_aborts(program: str = "gist-train") -> None:
+    """Make a native abort of this process end with our one-line message and status 1.
+
+    When another process dies, JAX's distributed runtime learns of it on a background
+    thread (a failed RPC to the coordinator, or the coordinator's error broadcast) and calls
+    abort() from C++; that often happens before the failed collective reaches Python and
+    ``fail_fast``, so the log would end in a native stack dump with nothing of ours. Python
+    signal handlers cannot run there (abort() kills the process once a handler returns), so
+    the handler is installed through libc: it dumps the Python stacks, prints which process
+    stopped and why, and exits with status 1. The runtime's own line ("Terminating process
+    because the JAX distributed service detected fatal errors ...") stays above it. Other
+    native aborts (a failed XLA check) end the same way, and the message says so."""
+    global _abort_handler
+    if _abort_handler is not None or sys.platform == "win32":
+        return
+    me = f"process {jax.process_index()} of {jax.process_count()}"
+    message = (
+        f"\n{program}: {me}: lost contact with another process of this run, or another fatal "
+        "error in native code: the runtime aborted this process (its reason is above; "
+        "'Terminating process because the JAX distributed service detected fatal errors' "
+        "means another process crashed, was killed or preempted, and that process's log has "
+        "the cause). Exiting with status 1.\n"
+    ).encode()
+
+    def on_abort(signum: int) -> None:
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os.write(2, message)
+        os._exit(1)
+
+    handler = ctypes.CFUNCTYPE(None, ctypes.c_int)(on_abort)
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.signal(signal.SIGABRT, ctypes.cast(handler, ctypes.c_void_p))
+    _abort_handler = handler

@@ -550,7 +550,13 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     if f.config is None or not f.workdir:
         raise app.UsageError("--config and --workdir are required")
-    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
+    distributed.initialize(
+        f.coordinator_address,
+        f.num_processes,
+        f.process_id,
+        f.distributed,
+        program="gist-eval",
+    )
     config = f.config
     mesh = sharding.make_mesh(
         {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}

@@ -1,6 +1,8 @@
 """Multi-process failures on localhost: when one process of a 2-process run dies, the other
 exits non-zero with a clear message within 60 s instead of hanging in a collective; and
-processes started with different configs refuse to train, naming what differs.
+processes started with different configs refuse to train, naming what differs. Which of
+two paths reports a dead peer first is a race (the failed collective reaching Python, or
+the runtime aborting from C++), so the abort path is also tested on its own.
 
 The processes are started directly with the command lines ``launch/local.sh`` uses (same
 flags, same per-process CPU devices) rather than through the launcher, because the
@@ -113,6 +115,29 @@ def test_survivor_exits_with_a_clear_message(tmp_path, victim):
     assert rc != 0, log[-3000:]
     assert elapsed < DETECTION_BOUND_S, (elapsed, log[-3000:])
     assert f"process {1 - victim} of 2: lost contact with another process" in log, log[-3000:]
+
+
+def test_native_abort_ends_with_our_message():
+    """abort() from native code (what JAX's distributed runtime calls when it loses a peer)
+    ends in the one-line message and status 1, not a bare stack dump and status 134."""
+    code = (
+        "import os\n"
+        "from gist_jax import distributed\n"
+        "distributed.report_native_aborts('gist-train')\n"
+        "print('installed', flush=True)\n"
+        "os.abort()\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    assert "installed" in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("gist-train: process 0 of 1: lost contact with another process"), last
+    assert "Exiting with status 1." in last
+    # The Python stacks are kept for aborts that have another cause.
+    assert "line 5 in <module>" in done.stderr, done.stderr[-3000:]
 
 
 def test_processes_with_different_configs_refuse_to_start(tmp_path):
