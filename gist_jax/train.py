@@ -234,6 +234,7 @@ def build_data(config: ml_collections.ConfigDict, loaded: LoadedModel, mesh: Any
             process_index=index,
             process_count=count,
             num_epochs=None if train else 1,
+            pack_open_rows=d.pack_open_rows,
         )
 
     train_examples, reports = encode(d.train_split, d.num_train_examples)

@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_source_length = 128  # encoder-decoder
     c.data.max_target_length = 256
     c.data.packing = False  # several examples per row (segment ids keep them apart)
+    c.data.pack_open_rows = 1  # packing: 1 next-fit; N first-fit over N open rows (fuller)
     c.data.bucket_multiple = 32  # padded lengths are multiples of this
 
     c.train = ml_collections.ConfigDict()
@@ -156,6 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(d.num_gist_tokens >= 0, "data.num_gist_tokens", "must be >= 0")
     need(d.max_length >= 2, "data.max_length", "must be >= 2")
     need(d.bucket_multiple >= 1, "data.bucket_multiple", "must be >= 1")
+    need(d.pack_open_rows >= 1, "data.pack_open_rows", "must be >= 1")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", "expected 'float32' or 'bfloat16'")
     need(m.remat in ("none", "full", "dots"), "model.remat", "expected 'none', 'full' or 'dots'")
     need(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")

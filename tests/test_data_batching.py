@@ -215,6 +215,32 @@ def test_pack_rows_next_fit():
     assert batching.pack_rows([2, 0, 1], lengths2, (10, 5)) == [[2, 0], [1]]
 
 
+def test_pack_rows_first_fit_over_open_rows():
+    lengths = [(6,), (6,), (4,), (4,)]
+    # Next-fit leaves row [0] 4 slots short; with two open rows example 3 fills that gap.
+    assert batching.pack_rows(range(4), lengths, (10,)) == [[0], [1, 2], [3]]
+    assert batching.pack_rows(range(4), lengths, (10,), open_rows=2) == [[0, 2], [1, 3]]
+    # Opening a third row closes the oldest: examples 4 and 5 cannot go back to [0, 2].
+    assert batching.pack_rows(range(6), [(6,), (6,), (3,), (9,), (1,), (1,)], (10,), 2) == [
+        [0, 2],
+        [1, 4, 5],
+        [3],
+    ]
+    # Every example is placed exactly once, no row overflows, and more open rows never
+    # need more rows on this data.
+    rng = np.random.default_rng(0)
+    many = [(int(n),) for n in rng.integers(1, 60, size=500)]
+    counts = []
+    for open_rows in (1, 2, 4, 8):
+        rows = batching.pack_rows(rng.permutation(500).tolist(), many, (96,), open_rows)
+        assert sorted(i for row in rows for i in row) == list(range(500))
+        assert all(sum(many[i][0] for i in row) <= 96 for row in rows)
+        counts.append(len(rows))
+    assert counts == sorted(counts, reverse=True) and counts[-1] < counts[0], counts
+    with pytest.raises(ValueError, match="open_rows must be >= 1"):
+        batching.pack_rows([0], [(1,)], (10,), open_rows=0)
+
+
 def _epoch(iterator):
     out = []
     for _ in range(iterator.batches_per_epoch()):
@@ -222,15 +248,18 @@ def _epoch(iterator):
     return out
 
 
+@pytest.mark.parametrize("open_rows", [1, 4])
 @pytest.mark.parametrize("family", ["decoder", "encdec"])
-def test_packing_and_padding_hold_the_same_content(dec_examples, encdec_examples, family):
+def test_packing_and_padding_hold_the_same_content(
+    dec_examples, encdec_examples, family, open_rows
+):
     if family == "decoder":
         examples, max_length = dec_examples, MAX_LEN
     else:
         examples, max_length = encdec_examples, (SOURCE_LEN, TARGET_LEN)
     kwargs = dict(max_length=max_length, pad_id=0, seed=5, drop_remainder=False, bucket_multiple=16)
     padded = BatchIterator(examples, 4, pack=False, **kwargs)
-    packed = BatchIterator(examples, 4, pack=True, **kwargs)
+    packed = BatchIterator(examples, 4, pack=True, pack_open_rows=open_rows, **kwargs)
     padded_batches, packed_batches = _epoch(padded), _epoch(packed)
     assert len(packed_batches) < len(padded_batches)
     if family == "decoder":

@@ -15,8 +15,9 @@ This module owns the step from encoded examples (``tokenize.DecoderExample`` /
   behind the decoder start id (= pad id), and the decoder spans are those of the encoder
   example the decoder token belongs to.
 
-Rows hold one example each (padding) or several (``pack=True``: next-fit packing in the
-epoch's order; positions restart at 0 per example and segments keep examples apart).
+Rows hold one example each (padding) or several (``pack=True``: packing in the epoch's
+order, next-fit or first-fit over ``pack_open_rows`` open rows (``pack_rows``); positions
+restart at 0 per example and segments keep examples apart).
 
 Global batches and hosts: a global batch is ``global_batch_size`` rows. Its padded length
 is the smallest bucket (a multiple of ``bucket_multiple``, capped at the maximum length)
@@ -143,20 +144,37 @@ def collate_encdec(
 
 
 def pack_rows(
-    order: Sequence[int], lengths: Sequence[tuple[int, ...]], capacity: tuple[int, ...]
+    order: Sequence[int],
+    lengths: Sequence[tuple[int, ...]],
+    capacity: tuple[int, ...],
+    open_rows: int = 1,
 ) -> list[list[int]]:
-    """Next-fit packing: walk ``order`` and start a new row whenever the next example would
-    overflow ``capacity`` in any dimension. Deterministic and order-preserving."""
-    rows: list[list[int]] = []
-    used = [capacity[d] + 1 for d in range(len(capacity))]  # forces a first row
+    """Pack examples into rows of at most ``capacity`` tokens (per dimension), walking
+    ``order``: each example goes into the first of the ``open_rows`` most recently opened
+    rows that has room, else into a new row; opening a row beyond ``open_rows`` closes the
+    oldest one. Rows come out in the order they close. ``open_rows=1`` is next-fit (a new
+    row whenever the next example overflows the current one); a few open rows let short
+    examples fill the gaps next-fit leaves (first-fit over a window). Deterministic, and
+    an example never moves more than ``open_rows`` rows from its place in ``order``."""
+    if open_rows < 1:
+        raise ValueError(f"open_rows must be >= 1, got {open_rows}")
+    closed: list[list[int]] = []
+    rows: list[list[int]] = []  # open rows, oldest first
+    used: list[list[int]] = []
     for i in order:
         need = lengths[i]
-        if any(u + n > c for u, n, c in zip(used, need, capacity, strict=True)):
-            rows.append([])
-            used = [0] * len(capacity)
-        rows[-1].append(i)
-        used = [u + n for u, n in zip(used, need, strict=True)]
-    return rows
+        for row, filled in zip(rows, used, strict=True):
+            if all(u + n <= c for u, n, c in zip(filled, need, capacity, strict=True)):
+                row.append(i)
+                filled[:] = [u + n for u, n in zip(filled, need, strict=True)]
+                break
+        else:
+            if len(rows) == open_rows:
+                closed.append(rows.pop(0))
+                used.pop(0)
+            rows.append([i])
+            used.append(list(need))
+    return closed + rows
 
 
 def host_slice(global_size: int, process_index: int, process_count: int) -> slice:
@@ -186,6 +204,7 @@ class BatchIterator(Iterator[Batch]):
       bucket_multiple: padded lengths are multiples of this (capped at ``max_length``).
       process_index, process_count: which contiguous slice of rows this host builds.
       num_epochs: stop after this many epochs (None: never stop).
+      pack_open_rows: rows kept open while packing (``pack_rows``; 1: next-fit).
     """
 
     def __init__(
@@ -202,6 +221,7 @@ class BatchIterator(Iterator[Batch]):
         process_index: int = 0,
         process_count: int = 1,
         num_epochs: int | None = None,
+        pack_open_rows: int = 1,
     ):
         if not examples:
             raise ValueError("no examples to batch")
@@ -215,8 +235,8 @@ class BatchIterator(Iterator[Batch]):
                 "max_length must be an int for decoder-only examples and a "
                 f"(source, target) pair for encoder-decoder examples, got {max_length!r}"
             )
-        if global_batch_size < 1 or bucket_multiple < 1:
-            raise ValueError("global_batch_size and bucket_multiple must be >= 1")
+        if global_batch_size < 1 or bucket_multiple < 1 or pack_open_rows < 1:
+            raise ValueError("global_batch_size, bucket_multiple and pack_open_rows must be >= 1")
         self.examples = list(examples)
         self.lengths = [_lengths(ex) for ex in self.examples]
         for i, need in enumerate(self.lengths):
@@ -231,6 +251,7 @@ class BatchIterator(Iterator[Batch]):
         self.seed = seed
         self.shuffle = shuffle
         self.pack = pack
+        self.pack_open_rows = pack_open_rows
         self.drop_remainder = drop_remainder
         self.bucket_multiple = bucket_multiple
         self.rows = host_slice(global_batch_size, process_index, process_count)
@@ -258,7 +279,10 @@ class BatchIterator(Iterator[Batch]):
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
         order = self.order(epoch).tolist()
-        rows = pack_rows(order, self.lengths, self.capacity) if self.pack else [[i] for i in order]
+        if self.pack:
+            rows = pack_rows(order, self.lengths, self.capacity, self.pack_open_rows)
+        else:
+            rows = [[i] for i in order]
         size = self.global_batch_size
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         if batches and len(batches[-1]) < size:
