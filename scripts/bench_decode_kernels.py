@@ -5,11 +5,15 @@
    each layer's slice, how decoding read it before) and as one buffer per layer in the
    decode layout (``KVCache.per_layer`` + ``heads_major_attention``, how it reads it now);
 2. the SwiGLU MLP's three products in 30 layers with 16 rows (weights not in cache: 318
-   MB in all), in JAX and in PyTorch (``F.linear``, transformers' layout).
+   MB in all), in JAX and in PyTorch (``F.linear``, transformers' layout);
+3. with ``--sweep``: XLA's float32 throughput for one [576, 1536] weight per layer (30
+   layers, 106 MB, read from memory) as the number of rows grows, with the weight stored
+   [in, out] (the model's layout) and [out, in]: how fast a decode step's products can be
+   at a given batch size on this CPU.
 
 Random data; median of 20 calls after warm-up. Prints milliseconds per decode step.
 
-    python scripts/bench_decode_kernels.py [--rows 16] [--slots 127]
+    python scripts/bench_decode_kernels.py [--rows 16] [--slots 127] [--sweep 1,8,16,32,64]
 """
 
 from __future__ import annotations
@@ -100,12 +104,43 @@ def mlp(rows: int, rng: np.random.Generator) -> dict[str, float]:
     }
 
 
+def row_sweep(rows_list: list[int], rng: np.random.Generator) -> list[tuple[int, float, float]]:
+    """``(rows, GFLOP/s with W[in, out], GFLOP/s with W[out, in])`` per row count."""
+    w_in = [(rng.normal(size=(DIM, HIDDEN)) * 0.02).astype(np.float32) for _ in range(LAYERS)]
+    as_in = [jnp.asarray(w) for w in w_in]
+    as_out = [jnp.asarray(np.ascontiguousarray(w.T)) for w in w_in]
+
+    @jax.jit
+    def in_out(x: jax.Array, ws: list) -> list[jax.Array]:
+        return [x @ w for w in ws]
+
+    @jax.jit
+    def out_in(x: jax.Array, ws: list) -> list[jax.Array]:
+        return [jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))) for w in ws]
+
+    out = []
+    for rows in rows_list:
+        x = jnp.asarray(rng.normal(size=(rows, DIM)).astype(np.float32))
+        flops = 2 * rows * DIM * HIDDEN * LAYERS
+        rates = [
+            flops / median_ms(fn, x, ws) / 1e6 for fn, ws in ((in_out, as_in), (out_in, as_out))
+        ]
+        out.append((rows, *rates))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--slots", type=int, default=127)
+    parser.add_argument("--sweep", default="", help="row counts, e.g. 1,8,16,32,64")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
+    if args.sweep:
+        print(f"{LAYERS} products [rows, {DIM}] x [{DIM}, {HIDDEN}], GFLOP/s")
+        print("  rows  W[in,out]  W[out,in]")
+        for rows, a, b in row_sweep([int(r) for r in args.sweep.split(",")], rng):
+            print(f"  {rows:4d}  {a:9.1f}  {b:9.1f}")
     results = {**attention(args.rows, args.slots, rng), **mlp(args.rows, rng)}
     flops = 2 * args.rows * LAYERS * 3 * DIM * HIDDEN
     print(f"batch {args.rows}, {args.slots} cache slots, {LAYERS} layers (ms per decode step)")

@@ -54,6 +54,11 @@ def test_train_step_compares_the_same_function(results: tuple[dict, pathlib.Path
     for e in impls.values():
         assert e["tokens_per_s"] > 0
         assert set(e["breakdown_s"]) == {"forward", "backward", "optimizer_and_rest"}
+        # The peak product was timed again between the steps, once per repetition.
+        assert e["mfu_same_minutes"] > 0
+    same = train["peak_same_minutes"]
+    assert len(same["timing"]["samples_s"]) == train["reps"]
+    assert same["flops_per_call"] == results[0]["peak"]["matmul"]["flops_per_call"]
 
 
 def test_decoding_generates_the_requested_tokens(results: tuple[dict, pathlib.Path]) -> None:

@@ -91,6 +91,29 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> dict[str, Any]:
     }
 
 
+def peak_call(peak: dict[str, Any]) -> tuple[Any, float]:
+    """``(fn, flops_per_call)``: one call of the product that set the measured peak (same
+    library, same size), to time again alongside a workload (``train_bench`` interleaves it
+    with the steps, so MFU can be quoted against the peak of the same minutes)."""
+    best = peak["matmul"]
+    n, library = best["n"], best["best_library"]
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    if library == "xla":
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        mm = jax.jit(jnp.matmul)
+        fn = lambda: mm(ja, jb).block_until_ready()  # noqa: E731
+    elif library == "torch":
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        fn = lambda: ta @ tb  # noqa: E731
+    else:
+        fn = lambda: a @ b  # noqa: E731
+    return fn, best["flops_per_call"]
+
+
 def memory_bandwidth(mib: int = 256, reps: int = 5) -> dict[str, Any]:
     """Measured streaming read bandwidth (bytes/s) with XLA and numpy."""
     x = np.random.default_rng(0).standard_normal(mib * (1 << 20) // 4, dtype=np.float32)

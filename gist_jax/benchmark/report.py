@@ -73,6 +73,7 @@ def train_table(r: dict[str, Any]) -> str:
             f"{e['tokens_per_s']:.0f}",
             f"{e['flops_per_s'] / 1e9:.1f}",
             _pct(e.get("mfu_measured_peak")),
+            _pct(e.get("mfu_same_minutes")),
             _pct(e.get("mfu_nominal_peak")),
         ]
         if "breakdown_s" in e:
@@ -82,8 +83,16 @@ def train_table(r: dict[str, Any]) -> str:
                 f"{b['optimizer_and_rest'] * 1e3:.0f}"
             )
         rows.append(row)
-    headers = ["impl", "step", "tokens/s", "GFLOP/s", "MFU (measured)", "MFU (nominal)"]
-    if rows and len(rows[0]) == 7:
+    headers = [
+        "impl",
+        "step",
+        "tokens/s",
+        "GFLOP/s",
+        "MFU (measured)",
+        "MFU (same minutes)",
+        "MFU (nominal)",
+    ]
+    if rows and len(rows[0]) == 8:
         headers.append("fwd / bwd / opt ms")
     out = [
         f"Train step, {r['model']}, batch {r['batch_size']} x {r['length']} "
@@ -100,7 +109,15 @@ def train_table(r: dict[str, Any]) -> str:
             "counts the full model's FLOPs (as transformers computes them); counting what "
             f"gist_jax executes: {j['executed_step_flops'] / 1e9:.0f} GFLOP/step, "
             f"{executed['flops_per_s'] / 1e9:.1f} GFLOP/s, "
-            f"MFU {_pct(executed.get('mfu_measured_peak'))} of the measured peak"
+            f"MFU {_pct(executed.get('mfu_measured_peak'))} of the measured peak, "
+            f"{_pct(executed.get('mfu_same_minutes'))} of the same minutes' peak"
+        )
+    if "peak_same_minutes" in r:
+        same = r["peak_same_minutes"]
+        out.append(
+            f"peak product timed between the steps: {same['flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"(spread {same['timing']['spread']:.0%}); MFU (same minutes) is the median over "
+            "repetitions of each step's rate over the peak measured next to it"
         )
     if "speedup_vs_transformers" in r:
         out.append(

@@ -4,7 +4,10 @@ gist_jax vs PyTorch ``transformers``, same weights, same packed batch, same thre
 Reports per implementation the median step time and spread, tokens/s (all and non-padding
 tokens), achieved FLOP/s (analytic matmul FLOPs, ``flops``; XLA's own cost analysis of the
 compiled step alongside), MFU against the matmul peak measured in the same run and against
-the nominal spec-sheet peak; the speed ratio gist_jax / transformers; the compile time of
+the nominal spec-sheet peak, and against the same peak product timed again between the steps
+(``mfu_same_minutes``: each repetition's step against the peak measured next to it, median
+over repetitions; on a shared machine whose speed drifts by +-15% within minutes this is
+the steadier figure); the speed ratio gist_jax / transformers; the compile time of
 the jitted step (separately); the first-step losses of both sides (a check that they
 compute the same function); and optionally the split of a step into forward, backward and
 optimizer time for both.
@@ -12,14 +15,17 @@ optimizer time for both.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from gist_jax import output_loss
 from gist_jax.benchmark import common, flops, inputs
+from gist_jax.benchmark import peak as peak_mod
 from gist_jax.benchmark.common import BenchModel
 from gist_jax.benchmark.trainers import JaxTrainer, TorchTrainer
 
 JAX, TORCH = "gist_jax", "transformers"
+PEAK = "peak_matmul"
 
 
 def train_batch(model: BenchModel, batch_size: int, length: int, pack: bool = True) -> dict:
@@ -39,6 +45,14 @@ def _rates(seconds: float, step_flops: float, peak: dict[str, Any] | None) -> di
         if peak.get("nominal"):
             out["mfu_nominal_peak"] = achieved / peak["nominal"]["flops"]
     return out
+
+
+def _same_minutes_mfu(
+    step_s: list[float], peak_s: list[float], step_flops: float, peak_flops: float
+) -> float:
+    """Median over repetitions of (step FLOP/s) / (peak FLOP/s of the same repetition)."""
+    ratios = [(step_flops / s) / (peak_flops / p) for s, p in zip(step_s, peak_s, strict=True)]
+    return float(statistics.median(ratios))
 
 
 def run(
@@ -73,6 +87,8 @@ def run(
         if breakdown:
             fns[TORCH + ":forward"] = torch_trainer.forward
             fns[TORCH + ":forward_backward"] = torch_trainer.forward_backward
+    if peak:
+        fns[PEAK], peak_flops = peak_mod.peak_call(peak)
     timings = common.measure(fns, reps=reps, warmup=warmup)
 
     impls: dict[str, Any] = {}
@@ -86,6 +102,10 @@ def run(
             "first_step_loss": first_losses[name],
             **_rates(t.median, step_flops, peak),
         }
+        if peak:
+            entry["mfu_same_minutes"] = _same_minutes_mfu(
+                t.samples, timings[PEAK].samples, step_flops, peak_flops
+            )
         if breakdown:
             fwd = timings[name + ":forward"].median
             fwd_bwd = timings[name + ":forward_backward"].median
@@ -110,6 +130,10 @@ def run(
     impls[JAX]["output_positions_computed"] = positions
     impls[JAX]["executed_step_flops"] = executed
     impls[JAX]["executed"] = _rates(timings[JAX].median, executed, peak)
+    if peak:
+        impls[JAX]["executed"]["mfu_same_minutes"] = _same_minutes_mfu(
+            timings[JAX].samples, timings[PEAK].samples, executed, peak_flops
+        )
 
     result: dict[str, Any] = {
         "model": model.name,
@@ -123,6 +147,12 @@ def run(
         "reps": reps,
         "implementations": impls,
     }
+    if peak:
+        result["peak_same_minutes"] = {
+            "flops_per_call": peak_flops,
+            "timing": timings[PEAK].to_dict(),
+            "flops_per_s": peak_flops / timings[PEAK].median,
+        }
     if torch_ref:
         result["speedup_vs_transformers"] = timings[TORCH].median / timings[JAX].median
         result["loss_abs_diff"] = abs(first_losses[JAX] - first_losses[TORCH])
