@@ -57,9 +57,10 @@ def nominal_peak_flops() -> dict[str, Any] | None:
     }
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> dict[str, Any]:
-    """Measured float32 matmul FLOP/s with XLA, numpy and (if installed) PyTorch."""
-    rng = np.random.default_rng(0)
+def _matmul_calls(n: int, seed: int = 0) -> dict[str, Any]:
+    """One ``[n, n] @ [n, n]`` float32 product per library (XLA, numpy, PyTorch when
+    installed), as argument-less callables that return when the product is done."""
+    rng = np.random.default_rng(seed)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     ja, jb = jnp.asarray(a), jnp.asarray(b)
@@ -75,7 +76,12 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> dict[str, Any]:
         fns["torch"] = lambda: ta @ tb
     except ImportError:
         pass
-    timings = common.measure(fns, reps=reps, warmup=1)
+    return fns
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> dict[str, Any]:
+    """Measured float32 matmul FLOP/s with XLA, numpy and (if installed) PyTorch."""
+    timings = common.measure(_matmul_calls(n), reps=reps, warmup=1)
     flops = 2.0 * n**3
     per_lib = {
         name: {"flops_per_s": flops / t.median, "timing": t.to_dict()}
@@ -96,22 +102,7 @@ def peak_call(peak: dict[str, Any]) -> tuple[Any, float]:
     library, same size), to time again alongside a workload (``train_bench`` interleaves it
     with the steps, so MFU can be quoted against the peak of the same minutes)."""
     best = peak["matmul"]
-    n, library = best["n"], best["best_library"]
-    rng = np.random.default_rng(1)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    if library == "xla":
-        ja, jb = jnp.asarray(a), jnp.asarray(b)
-        mm = jax.jit(jnp.matmul)
-        fn = lambda: mm(ja, jb).block_until_ready()  # noqa: E731
-    elif library == "torch":
-        import torch
-
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        fn = lambda: ta @ tb  # noqa: E731
-    else:
-        fn = lambda: a @ b  # noqa: E731
-    return fn, best["flops_per_call"]
+    return _matmul_calls(best["n"])[best["best_library"]], best["flops_per_call"]
 
 
 def memory_bandwidth(mib: int = 256, reps: int = 5) -> dict[str, Any]:
