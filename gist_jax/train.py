@@ -49,7 +49,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from gist_jax import checkpoint as ckpt_lib
-from gist_jax import distributed, optim, tiny_tokenizer, train_config
+from gist_jax import distributed, freezing, optim, tiny_tokenizer, train_config
 from gist_jax import sharding as shd
 from gist_jax import train_state as ts
 from gist_jax import train_step as tstep
@@ -593,6 +593,11 @@ def _train_and_evaluate(
     _check_batch_fits_mesh(config, mesh)
     workdir = ckpt_lib.check_workdir_writable(workdir)
     loaded = load_model(config)
+    abstract_params = registry.abstract_params(loaded.config)
+    try:
+        frozen = freezing.frozen_modules(abstract_params.keys(), config.train.frozen_layers)
+    except ValueError as e:
+        raise train_config.ConfigError(f"train.frozen_layers: {e}") from None
     eval_hooks = [*load_eval_hooks(config), *eval_hooks]
     model_config_dict = loaded.config.to_dict()
     distributed.check_same(_flat_config(model_config_dict, "model_config."), "model configs")
@@ -610,7 +615,6 @@ def _train_and_evaluate(
     module, model_config = loaded.module, loaded.config
     model = module.build_model(model_config)
     logical_axes = module.param_logical_axes(model_config)
-    abstract_params = registry.abstract_params(model_config)
     schedule = optim.make_schedule(
         config.train.lr, total_steps, config.train.schedule, config.train.warmup
     )
@@ -623,6 +627,7 @@ def _train_and_evaluate(
         b2=config.train.b2,
         eps=config.train.eps,
     )
+    optimizer = freezing.restrict_optimizer(optimizer, abstract_params, frozen)
     abstract = ts.abstract_state(abstract_params, optimizer)
     shardings = ts.state_shardings(abstract, logical_axes, mesh, optimizer)
     target = ts.with_shardings(abstract, shardings)
@@ -650,6 +655,13 @@ def _train_and_evaluate(
         f"mesh: {shd.describe(mesh)}; model: {model_config.model_type}, "
         f"{ts.param_count(abstract.params):,} params; {total_steps} steps"
     )
+    if frozen:
+        trained_params = freezing.split(abstract.params, frozen)[0]
+        logger.message(
+            f"train.frozen_layers={config.train.frozen_layers}: training "
+            f"{ts.param_count(trained_params):,} params; the embedding and layers_0.."
+            f"layers_{config.train.frozen_layers - 1} stay frozen"
+        )
     for line in data_setup.reports:
         logger.message(f"data: {line}")
 
@@ -687,6 +699,7 @@ def _train_and_evaluate(
             config.train.grad_accum,
             tuple(config.train.inject_nonfinite_steps),
             config.train.loss_chunk,
+            frozen,
         ),
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, shd.replicated(mesh)),

@@ -84,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Decoder-only: run the output layer + cross-entropy only on chunks of this many
     # positions per row that hold loss tokens (gist_jax.output_loss); 0 = all logits.
     c.train.loss_chunk = output_loss.DEFAULT_CHUNK
+    # Partial fine-tuning (decoder-only, unrolled layers): N > 0 keeps the token embedding
+    # and the first N layers at their pretrained values and never computes their
+    # gradients (gist_jax.freezing); 0 trains everything.
+    c.train.frozen_layers = 0
     c.train.seed = 0  # params init (random-init models), data order
     c.train.log_every = 10
     c.train.eval_every = 100  # 0: only at the end
@@ -132,6 +136,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(math.isfinite(t.lr), "train.lr", "the learning rate must be finite")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(t.loss_chunk >= 0, "train.loss_chunk", "must be >= 0 (0 = all logits at once)")
+    need(t.frozen_layers >= 0, "train.frozen_layers", "must be >= 0 (0 = train every layer)")
+    if t.frozen_layers > 0:
+        need(
+            not m.scan_layers,
+            "train.frozen_layers",
+            "needs model.scan_layers=False (frozen layers are whole unrolled modules)",
+        )
     need(
         all(isinstance(s, int) and s >= 1 for s in t.inject_nonfinite_steps),
         "train.inject_nonfinite_steps",

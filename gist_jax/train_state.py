@@ -65,13 +65,15 @@ def state_shardings(
     """A ``NamedSharding`` for every leaf of the state."""
     param_sh = shd.tree_shardings(abstract.params, logical_axes, mesh)
     replicated = shd.replicated(mesh)
+    # Frozen params (gist_jax.freezing) have no optimizer state: an ``optax.MaskedNode``
+    # stands where their moments would be, and stays.
     opt_sh = optax.tree_map_params(
         optimizer,
-        lambda _, sh: sh,
+        lambda leaf, sh: leaf if isinstance(leaf, optax.MaskedNode) else sh,
         abstract.opt_state,
         param_sh,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, optax.MaskedNode)),
     )
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 

@@ -17,6 +17,12 @@ gradients, each already divided by the token count of the *whole* batch (counted
 the scan), so the update is the same as with one big batch (up to float summation order).
 Micro-batch ``j`` takes rows ``j, j + A, j + 2A, ...`` so every device contributes equally
 to every micro-batch and no rows move between devices.
+
+With frozen modules (``train.frozen_layers``, see ``gist_jax.freezing``) the loss is
+differentiated with respect to the trained modules only, so the backward pass below the
+lowest trained layer is never built; the gradient norm and clipping cover the trained
+parameters, and the optimizer (restricted by ``freezing.restrict_optimizer``) leaves the
+frozen ones as they are.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gist_jax import gist, output_loss
+from gist_jax import freezing, gist, output_loss
 from gist_jax.models import llama
 from gist_jax.train_state import TrainState
 
@@ -178,6 +184,7 @@ def make_train_step(
     grad_accum: int = 1,
     inject_nonfinite_steps: Sequence[int] = (),
     loss_chunk: int = 0,
+    frozen: frozenset[str] = frozenset(),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The (unjitted) step ``(state, batch) -> (new_state, metrics)``; ``metrics`` holds
     ``loss`` (mean over loss tokens), ``grad_norm`` (before clipping), ``lr`` (the rate this
@@ -186,22 +193,28 @@ def make_train_step(
 
     ``inject_nonfinite_steps``: fault injection for tests, steps (1 = first update) whose
     loss is multiplied by NaN; adds nothing to the program when empty. ``loss_chunk``: see
-    ``loss_sums``."""
+    ``loss_sums``. ``frozen``: top-level param modules not trained (``gist_jax.freezing``;
+    ``optimizer`` must be restricted to match)."""
     poisoned = np.asarray(sorted(inject_nonfinite_steps), np.int32)
 
     def grads_of(
         params: Any, micro: Batch, step: jax.Array, denom: jax.Array
     ) -> tuple[tuple[jax.Array, jax.Array], Any]:
+        # Gradients of the trained modules only (all of them when nothing is frozen).
+        trained, fixed = freezing.split(params, frozen)
+
         # The loss is divided by the whole batch's token count *inside* the differentiated
         # function, so the gradients come out already averaged: no extra pass over a
         # params-sized tree to divide them afterwards.
         def f(p: Any) -> tuple[jax.Array, jax.Array]:
-            total, count = loss_sums(model, model_type, p, micro, condition, loss_chunk)
+            total, count = loss_sums(
+                model, model_type, freezing.merge(p, fixed), micro, condition, loss_chunk
+            )
             if inject_nonfinite_steps:
                 total = total * jnp.where(jnp.isin(step + 1, poisoned), jnp.nan, 1.0)
             return total / denom, count
 
-        (mean, count), grads = jax.value_and_grad(f, has_aux=True)(params)
+        (mean, count), grads = jax.value_and_grad(f, has_aux=True)(trained)
         return (mean, count), grads
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -211,7 +224,7 @@ def make_train_step(
             (loss, _), grads = grads_of(state.params, batch, state.step, denom)
         else:
             micro = _split_micro(batch, grad_accum)
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.tree.map(jnp.zeros_like, freezing.split(state.params, frozen)[0])
 
             def body(carry: Any, mb: Batch) -> tuple[Any, None]:
                 acc_loss, acc_grads = carry
@@ -226,6 +239,7 @@ def make_train_step(
 
         def update(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:
             params, opt_state, grads = operands
+            grads = freezing.full_grads(grads, params, frozen)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 

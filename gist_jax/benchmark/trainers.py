@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gist_jax import gist, optim, output_loss, train_step
+from gist_jax import freezing, gist, optim, output_loss, train_step
 from gist_jax.benchmark.common import BenchModel, timed
 from gist_jax.models import llama
 from gist_jax.train_state import TrainState
@@ -45,7 +45,10 @@ class JaxTrainer:
         batches: Sequence[Mapping[str, np.ndarray]],
         parts: bool = False,
         loss_chunk: int = output_loss.DEFAULT_CHUNK,
+        frozen_layers: int = 0,
     ):
+        """``frozen_layers``: train.frozen_layers (``gist_jax.freezing``); needs an unrolled
+        model (``model.with_runtime(scan_layers=False)``)."""
         cfg = model.config
         self.config = cfg
         module = llama.build_model(cfg)
@@ -53,6 +56,8 @@ class JaxTrainer:
         schedule = optim.make_schedule(LR, 1_000_000, "constant")
         optimizer = optim.make_optimizer(schedule, axes, weight_decay=0.0, clip_norm=CLIP_NORM)
         params = jax.tree.map(jnp.copy, model.params)  # donated by the step: keep a copy
+        frozen = freezing.frozen_modules(params.keys(), frozen_layers)
+        optimizer = freezing.restrict_optimizer(optimizer, params, frozen)
         self.state = TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -63,7 +68,13 @@ class JaxTrainer:
         self.batches = [{k: jnp.asarray(b[k]) for k in keys} for b in batches]
         step = jax.jit(
             train_step.make_train_step(
-                module, "llama", optimizer, schedule, CONDITION, loss_chunk=loss_chunk
+                module,
+                "llama",
+                optimizer,
+                schedule,
+                CONDITION,
+                loss_chunk=loss_chunk,
+                frozen=frozen,
             ),
             donate_argnums=(0,),
         )
