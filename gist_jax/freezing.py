@@ -93,8 +93,9 @@ def merge(trained: Any, fixed: Mapping[str, Any]) -> Any:
 
 
 def full_grads(trained_grads: Any, params: Mapping[str, Any], frozen: frozenset[str]) -> Any:
-    """The gradient tree over all of ``params``: ``trained_grads`` plus zeros for the frozen
-    modules (which ``restrict_optimizer``'s ``set_to_zero`` ignores; XLA folds them away)."""
+    """The gradient tree over all of ``params`` that ``optax.multi_transform`` expects:
+    ``trained_grads`` plus zeros for the frozen modules, which ``restrict_optimizer``'s
+    ``set_to_zero`` never reads (broadcast constants inside the jitted step)."""
     if not frozen:
         return trained_grads
     zeros = {k: jax.tree.map(jnp.zeros_like, v) for k, v in params.items() if k in frozen}

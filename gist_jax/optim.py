@@ -17,9 +17,8 @@ Choices (and why):
   ``min(1, max_norm / norm)``, rather than optax's, which selects per element between the
   gradient and its clipped copy: on XLA's CPU backend that select kept the clipped tree
   from fusing into AdamW's update: the update of SmolLM2-135M alone took 295 ms instead of
-  151 ms (``python scripts/bench_optimizer.py``); inside the train step, where XLA fuses
-  more of it, the optimizer's ops take ~250 ms per step instead of ~325 ms
-  (``python -m gist_jax.benchmark.profile --what=train --length=96``).
+  151 ms (``python scripts/bench_optimizer.py``, which also times the whole train step
+  both ways; there the difference is within this machine's noise).
 """
 
 from __future__ import annotations

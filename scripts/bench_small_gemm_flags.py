@@ -97,9 +97,8 @@ def main() -> None:
     torch_weights = [torch.from_numpy(np.ascontiguousarray(w.T)) for w in weights]
     tx = torch.from_numpy(x)
     seconds = _median_s(lambda: sum(torch.nn.functional.linear(tx, w) for w in torch_weights))
-    print(
-        f"  torch F.linear ({torch.get_num_threads()} threads){'':31s} {_gflops(args.rows, seconds):6.1f} GFLOP/s"
-    )
+    name = f"torch F.linear ({torch.get_num_threads()} threads)"
+    print(f"  {name:52s} {_gflops(args.rows, seconds):6.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -126,3 +126,8 @@ def test_profile_attributes_time_to_model_ops(tmp_path: pathlib.Path) -> None:
     # Forward and backward (transposed) products of the MLP, attributed by layer-folded name.
     assert "layers_N/mlp/up_proj" in ops and "transpose(jvp(" in ops, done.stdout[-3000:]
     assert any(float(r.split("|")[1]) > 0 for r in rows)
+    # The phase summary: forward, backward and the optimizer's cond all took traced time.
+    summary = next(line for line in lines if line.startswith("traced ms per run by phase"))
+    phases = dict(part.strip().rsplit(" ", 1) for part in summary.split(": ", 1)[1].split(", "))
+    assert set(phases) == {"forward", "backward", "optimizer", "other"}
+    assert all(float(phases[name]) > 0 for name in ("forward", "backward", "optimizer")), summary

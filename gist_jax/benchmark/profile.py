@@ -16,6 +16,9 @@ to more than the wall time: compare rows with each other, not with the total.
     python -m gist_jax.benchmark.profile --what=train             # SmolLM2, 8 x 128
     python -m gist_jax.benchmark.profile --what=decode --batch=16
     python -m gist_jax.benchmark.profile --what=train --model=tiny --top=10
+
+For the train step it also prints the traced time summed by phase (forward, backward,
+optimizer update, other; ``phase_totals``).
 """
 
 from __future__ import annotations
@@ -92,6 +95,22 @@ def table(rows: Sequence[dict[str, Any]], top: int) -> str:
     return "\n".join(lines)
 
 
+# Train-step phases by the JAX transformation in an op's name: ``jvp(...)`` is the forward
+# pass, ``transpose(jvp(...))`` the backward pass, and the optimizer update runs inside the
+# step's ``lax.cond`` (gist_jax.train_step), so its ops start with ``cond/``.
+PHASES = (("backward", "transpose("), ("forward", "jvp("), ("optimizer", "cond/"))
+
+
+def phase_totals(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Traced seconds per run summed by train-step phase (``PHASES``; the rest is "other").
+    Ops that overlap in time count in full, so the sum can exceed the wall time."""
+    totals = {name: 0.0 for name, _ in PHASES} | {"other": 0.0}
+    for r in rows:
+        phase = next((name for name, prefix in PHASES if r["op"].startswith(prefix)), "other")
+        totals[phase] += r["seconds"]
+    return totals
+
+
 def _workload(what: str, model_name: str, batch: int, length: int, new_tokens: int) -> Callable:
     from gist_jax.benchmark import common, decode_bench, train_bench
     from gist_jax.benchmark.trainers import JaxTrainer
@@ -138,6 +157,12 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     rows = profile(f.what, f.model, f.batch, f.length, f.new_tokens, f.runs, f.out)
     print(table(rows, f.top))
+    if f.what == "train":
+        totals = phase_totals(rows)
+        print(
+            "traced ms per run by phase (overlapping ops count in full): "
+            + ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in totals.items())
+        )
 
 
 def _define_flags() -> None:
