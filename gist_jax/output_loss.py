@@ -181,3 +181,56 @@ def _chunked_loss_bwd(residuals: tuple[Any, ...], grad: jax.Array) -> tuple[Any,
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
+
+
+def chunked_kl(
+    student_hidden: jax.Array,
+    student_kernel: jax.Array,
+    teacher_hidden: jax.Array,
+    teacher_kernel: jax.Array,
+    weights: jax.Array,
+    chunk: int,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """``sum(weights * KL(teacher || student))`` of the next-token distributions at the
+    positions with a non-zero weight, both softened by ``temperature`` and the sum scaled
+    by ``temperature ** 2`` (so its gradient keeps the size of the unsoftened one).
+
+    The same loss-first chunks as ``chunked_cross_entropy``: only chunks holding weighted
+    positions run the two output layers. The teacher side is ``stop_gradient``-ed here,
+    whatever the caller passes, so no gradient can reach a teacher. Differentiable (by
+    autodiff) in ``student_hidden`` and ``student_kernel``.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be > 0, got {chunk}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    batch, length = weights.shape
+    if student_hidden.shape[:2] != (batch, length) or teacher_hidden.shape[:2] != (batch, length):
+        raise ValueError(
+            f"student {student_hidden.shape} and teacher {teacher_hidden.shape} hidden "
+            f"states must match weights {weights.shape} on [batch, length]"
+        )
+    dummy_targets = jnp.zeros((batch, length), jnp.int32)
+    positions, _, chunk_weights, needed = _loss_first_chunks(
+        dummy_targets, jax.lax.stop_gradient(weights), min(chunk, length)
+    )
+    teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+    teacher_kernel = jax.lax.stop_gradient(teacher_kernel).astype(teacher_hidden.dtype)
+    student_kernel = student_kernel.astype(student_hidden.dtype)
+
+    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        pos, weight, need = xs
+
+        def compute() -> jax.Array:
+            student = _logits(_gather(student_hidden, pos), student_kernel) / temperature
+            teacher = _logits(_gather(teacher_hidden, pos), teacher_kernel) / temperature
+            log_t = jax.nn.log_softmax(teacher, axis=-1)
+            log_s = jax.nn.log_softmax(student, axis=-1)
+            kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+            return jnp.sum(kl * weight) * temperature**2
+
+        return total + jax.lax.cond(need, compute, lambda: jnp.zeros((), jnp.float32)), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (positions, chunk_weights, needed))
+    return total

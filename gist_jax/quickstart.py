@@ -54,7 +54,12 @@ SUMMARY_FILE = "quickstart.json"
 FAMILIES_JSON = "families.json"  # per task family scores (synthetic suite)
 FAMILIES_MD = "families.md"
 CONTROL_MODES = ("trained", "masked")
-QUICKSTART_DEFAULTS: dict[str, Any] = dict(controls="trained", control_steps=0, export_hf=True)
+QUICKSTART_DEFAULTS: dict[str, Any] = dict(
+    controls="trained", control_steps=0, export_hf=True, teacher=""
+)
+# quickstart.teacher: "" (train.teacher as configured) or "pos_control": the gist model
+# distils from this run's own pos_control model, which is then trained first.
+TEACHERS = ("", "pos_control")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -77,6 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
     # stacked weights and stacks the gradients every step), for a few more seconds of
     # compilation; decoding reads its per-layer KV cache in place.
     c.model.scan_layers = False
+    # Suite version 1: at this budget the one on which gisting visibly works (on the
+    # training families). Version 2 (thousands of distinct instructions) is
+    # configs/quickstart_v2.py; docs/results.md section 2 has what it measured.
     c.data.source = "synthetic"
     c.data.num_gist_tokens = 1
     c.data.condition = "gist"
@@ -160,6 +168,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if q.controls not in CONTROL_MODES:
         problems.append(f"quickstart.controls={q.controls!r}: expected one of {CONTROL_MODES}")
+    if q.teacher not in TEACHERS:
+        problems.append(f"quickstart.teacher={q.teacher!r}: expected one of {TEACHERS}")
+    elif q.teacher == "pos_control":
+        if q.controls != "trained":
+            problems.append(
+                "quickstart.teacher='pos_control' needs quickstart.controls='trained' (the "
+                "teacher is the trained pos_control model)"
+            )
+        if config.train.objective == "lm":
+            problems.append(
+                "quickstart.teacher='pos_control' needs train.objective 'distill' or 'mix' "
+                "(with 'lm' there is no teacher)"
+            )
     if q.control_steps < 0:
         problems.append(f"quickstart.control_steps={q.control_steps}: must be >= 0")
     if config.data.num_gist_tokens < 1:
@@ -182,6 +203,8 @@ def training_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collecti
     """Condition -> the training config of its model (the gist model first)."""
     q = config.quickstart
     trained = gist.CONDITIONS if q.controls == "trained" else ("gist",)
+    if q.teacher == "pos_control":  # the teacher first
+        trained = ("pos_control", "gist", "neg_control")
     out = {}
     for condition in trained:
         c = copy.deepcopy(config)
@@ -190,8 +213,11 @@ def training_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collecti
             c.data.condition = condition
             # Generation (below) is the evaluation; no validation-loss passes while training.
             c.eval.splits = ()
-            if condition != "gist" and q.control_steps:
-                c.train.steps = q.control_steps
+            if condition != "gist":
+                # The controls are the paper's: plain LM training under their own mask.
+                c.train.objective = "lm"
+                if q.control_steps:
+                    c.train.steps = q.control_steps
         out[condition] = c
     return out
 
@@ -313,7 +339,10 @@ def family_markdown(families: Mapping[str, Mapping[str, Mapping[str, Mapping[str
 
 
 def summary_lines(report: Any, seconds: Mapping[str, float]) -> list[str]:
-    """Plain-text lines printed after the tables: compression and the gap recovered."""
+    """Plain-text lines printed after the tables: compression, and the gap recovered with
+    its paired 95% bootstrap interval (``gist_jax.gap``)."""
+    from gist_jax import gap
+
     lines = []
     for split, c in report.compression.items():
         lines.append(
@@ -323,23 +352,23 @@ def summary_lines(report: Any, seconds: Mapping[str, float]) -> list[str]:
             f"{c['prompt_cache_bytes_per_prompt'] / 1024:.0f} KiB -> "
             f"{c['gist_cache_bytes_per_prompt'] / 1024:.0f} KiB"
         )
-    if all(
-        condition in by_condition
-        for by_condition in report.metrics.values()
-        for condition in gist.CONDITIONS
-    ):
-        for split in report.metrics:
-            parts = []
-            for key, name in (("rougeL", "ROUGE-L"), ("exact_match", "exact match")):
-                share = gap_recovered(report.metrics, split, key)
-                parts.append(
-                    f"{format_share(share)} of the {name} gap"
-                    if not math.isnan(share)
-                    else f"no {name} gap (pos_control is not above neg_control)"
+    intervals = gap.split_intervals(report.predictions, list(report.metrics))
+    for split, by_metric in intervals.items():
+        parts = []
+        for key, name in (("rougeL", "ROUGE-L"), ("exact_match", "exact match")):
+            g = by_metric[key]
+            if math.isnan(g["share"]):
+                parts.append(f"no {name} gap (pos_control is not above neg_control)")
+            else:
+                bounds = (
+                    f" (95% CI {format_share(g['low'])} to {format_share(g['high'])})"
+                    if not math.isnan(g["low"])
+                    else ""
                 )
-            lines.append(
-                f"{split}: gist recovers {' and '.join(parts)} between neg_control and pos_control"
-            )
+                parts.append(f"{format_share(g['share'])}{bounds} of the {name} gap")
+        lines.append(
+            f"{split}: gist recovers {' and '.join(parts)} between neg_control and pos_control"
+        )
     lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     return lines
 
@@ -371,7 +400,7 @@ def quickstart(
       progress: progress bars and messages on the console.
       devices: the devices to train on (default all).
     """
-    from gist_jax import evaluate, train
+    from gist_jax import evaluate, gap, train
     from gist_jax.convert.to_hf import convert_to_hf
     from gist_jax.models import registry
 
@@ -397,9 +426,13 @@ def quickstart(
     configs = training_configs(config)
     for i, (condition, c) in enumerate(configs.items()):
         t0 = time.monotonic()
+        if condition == "gist" and config.quickstart.teacher == "pos_control":
+            with c.unlocked():
+                c.train.teacher = str(exports["pos_control"])
         _say(
             f"[2/4] training the {condition} model ({i + 1}/{len(configs)}): "
-            f"{_length(c)} of {c.train.batch_size} rows, k={c.data.num_gist_tokens}",
+            f"{_length(c)} of {c.train.batch_size} rows, k={c.data.num_gist_tokens}"
+            + (f", objective {c.train.objective}" if c.train.objective != "lm" else ""),
             progress,
         )
         result = train.train_and_evaluate(
@@ -461,6 +494,7 @@ def quickstart(
         "seconds": seconds,
         "metrics": report.metrics,
         "compression": report.compression,
+        "gap": gap.split_intervals(report.predictions, list(report.metrics)),
         "train_dirs": {k: str(v) for k, v in train_dirs.items()},
         "results_dir": str(results_dir),
         "export_hf": str(export_hf) if export_hf else None,

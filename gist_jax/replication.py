@@ -61,11 +61,15 @@ def load_run(workdir: str | pathlib.Path) -> dict[str, Any]:
             if line.strip():
                 row = json.loads(line)
                 predictions.setdefault((row["split"], row["condition"]), []).append(row)
+    summary_file = workdir / quickstart.SUMMARY_FILE
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return {
         "workdir": str(workdir),
         "metrics": metrics,
         "curves": curves,
         "predictions": predictions,
+        "train_gist_s": summary.get("seconds", {}).get("train_gist", math.nan),
+        "objective": summary.get("config", {}).get("train", {}).get("objective", "lm"),
     }
 
 
@@ -203,6 +207,62 @@ def paired_markdown(paired: Mapping[str, Mapping[str, Mapping[str, float]]]) -> 
     return "\n".join(lines) + "\n"
 
 
+def gap_intervals(
+    runs: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """``split -> "gist (LABEL)" -> metric -> gap.paired_interval``: each run's gist model
+    against the controls of the first run that has them, resampling the same examples."""
+    from gist_jax import gap
+
+    controls: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs.values():
+        for (split, condition), rows in run.get("predictions", {}).items():
+            if condition in CONTROLS:
+                controls.setdefault((split, condition), rows)
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for label, run in runs.items():
+        for (split, condition), rows in run.get("predictions", {}).items():
+            pos, neg = controls.get((split, "pos_control")), controls.get((split, "neg_control"))
+            if condition != "gist" or pos is None or neg is None or len(rows) != len(neg):
+                continue
+            merged = [
+                *({**r, "condition": "gist"} for r in rows),
+                *({**r, "condition": "pos_control"} for r in pos),
+                *({**r, "condition": "neg_control"} for r in neg),
+            ]
+            for key in gap.METRICS:
+                scores = gap.example_scores(merged, split, key)
+                if scores is not None:
+                    out.setdefault(split, {}).setdefault(f"gist ({label})", {})[key] = (
+                        gap.paired_interval(scores)
+                    )
+    return out
+
+
+def gap_markdown(intervals: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> str:
+    """Gap shares with their paired 95% bootstrap intervals, ROUGE-L and exact match."""
+    splits = list(intervals)
+    rows = list(dict.fromkeys(r for split in splits for r in intervals[split]))
+    lines = [
+        "| gap recovered, ROUGE-L [95% CI] / EM [95% CI] | " + " | ".join(splits) + " |",
+        "|---|" + "---|" * len(splits),
+    ]
+
+    def cell(g: Mapping[str, float]) -> str:
+        f = quickstart.format_share
+        return f"{f(g['share'])} [{f(g['low'])}, {f(g['high'])}]"
+
+    for row in rows:
+        cells = [
+            f"{cell(intervals[s][row]['rougeL'])} / {cell(intervals[s][row]['exact_match'])}"
+            if row in intervals[s]
+            else "-"
+            for s in splits
+        ]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def copy_run_files(runs: Mapping[str, str | pathlib.Path], out: pathlib.Path) -> None:
     """Each run's own result files (RUN_FILES) into ``out/LABEL/`` (``k=1`` -> ``k1``)."""
     for label, workdir in runs.items():
@@ -269,6 +329,52 @@ def plot_rouge(table: Mapping[str, Mapping[str, Mapping[str, float]]], path: pat
     plt.close(fig)
 
 
+def plot_gap_vs_minutes(
+    runs: Mapping[str, Mapping[str, Any]],
+    intervals: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
+    path: pathlib.Path,
+) -> None:
+    """The ROUGE-L gap share (with its 95% interval) of each run's gist model against its
+    training minutes, one panel per split, marked by ``train.objective``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(intervals)
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.8), squeeze=False)
+    markers = {"lm": "o", "distill": "s", "mix": "^"}
+    for ax, split in zip(axes[0], splits, strict=True):
+        plotted = 0
+        for label, run in runs.items():
+            g = intervals[split].get(f"gist ({label})", {}).get("rougeL")
+            minutes = run.get("train_gist_s", math.nan) / 60
+            if g is None or math.isnan(minutes) or math.isnan(g["share"]):
+                continue
+            objective = run.get("objective", "lm")
+            err = [[g["share"] - g["low"]], [g["high"] - g["share"]]]
+            ax.errorbar(minutes, g["share"], yerr=err, fmt=markers.get(objective, "o"),
+                        color=f"C{list(markers).index(objective) if objective in markers else 3}",
+                        capsize=3)  # fmt: skip
+            ax.annotate(label, (minutes, g["share"]), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")  # fmt: skip
+            plotted += 1
+        if not plotted:
+            ax.text(0.5, 0.5, "no pos-neg gap to recover", ha="center", transform=ax.transAxes)
+        ax.set_title(split, fontsize=9)
+        ax.set_xlabel("gist model training (minutes)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ROUGE-L gap recovered (%)")
+    handles = [
+        plt.Line2D([], [], marker=m, linestyle="", color=f"C{i}", label=o)
+        for i, (o, m) in enumerate(markers.items())
+    ]
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(runs: Mapping[str, str | pathlib.Path], out: str | pathlib.Path) -> str:
     """Load ``label -> workdir`` runs and write the report files; returns the table."""
     loaded = {label: load_run(workdir) for label, workdir in runs.items()}
@@ -276,7 +382,10 @@ def write_report(runs: Mapping[str, str | pathlib.Path], out: str | pathlib.Path
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paired = paired_differences(loaded)
+    intervals = gap_intervals(loaded)
     text = markdown_table(table)
+    if intervals:
+        text += "\n" + gap_markdown(intervals)
     if paired:
         text += "\n" + paired_markdown(paired)
     (out / "table.md").write_text(text)
@@ -288,10 +397,13 @@ def write_report(runs: Mapping[str, str | pathlib.Path], out: str | pathlib.Path
             for split, rows in table.items()
         },
         "paired_rougeL_vs_neg_control": paired,
+        "gap_intervals": intervals,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     copy_run_files(runs, out)
     plot_curves(loaded, out / "training_curves.png")
+    if intervals:
+        plot_gap_vs_minutes(loaded, intervals, out / "gap_vs_minutes.png")
     plot_rouge(table, out / "rouge_l.png")
     return text
 

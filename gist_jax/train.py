@@ -49,7 +49,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from gist_jax import checkpoint as ckpt_lib
-from gist_jax import distributed, freezing, optim, tiny_tokenizer, train_config
+from gist_jax import distributed, freezing, optim, teacher, tiny_tokenizer, train_config
 from gist_jax import sharding as shd
 from gist_jax import train_state as ts
 from gist_jax import train_step as tstep
@@ -147,6 +147,11 @@ def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
     module = registry.model_module(model_config.model_type)
     tokenizer = _load_tokenizer(config.model.tokenizer, ckpt_dir)
     return LoadedModel(model_config, module, tokenizer, ckpt_dir, saved.scan_layers)
+
+
+def objective_needs_teacher_dir(config: ml_collections.ConfigDict) -> bool:
+    """Whether the objective distils from a frozen teacher (loaded from a directory)."""
+    return config.train.objective != "lm" and config.train.teacher != train_config.SELF_TEACHER
 
 
 def _model_dims(model_config: Any) -> dict[str, int]:
@@ -442,8 +447,15 @@ def _summarise(pending: list[dict[str, Any]], elapsed: float, steps_timed: int) 
     loss = sum(float(v["loss"]) * float(v["loss_tokens"]) for v in good) / max(loss_tokens, 1.0)
     last = values[-1]
     tokens = sum(float(v["tokens"]) for v in values[-steps_timed:]) if steps_timed else 0.0
+    # Distillation's parts (train.objective): plain step means over the interval.
+    parts = {
+        key: sum(float(v[key]) for v in good) / len(good)
+        for key in ("lm_loss", "kl")
+        if good and key in good[0]
+    }
     return {
         "loss": loss if loss_tokens else float(last["loss"]),
+        **parts,
         "lr": float(last["lr"]),
         "grad_norm": float(last["grad_norm"]),
         "tokens": sum(float(v["tokens"]) for v in values),
@@ -593,6 +605,13 @@ def _train_and_evaluate(
     _check_batch_fits_mesh(config, mesh)
     workdir = ckpt_lib.check_workdir_writable(workdir)
     loaded = load_model(config)
+    if config.train.objective != "lm" and loaded.config.model_type == "t5":
+        raise train_config.ConfigError(
+            f"train.objective={config.train.objective!r}: distillation is implemented for "
+            "decoder-only models (LLaMA family); T5 trains with 'lm'"
+        )
+    if objective_needs_teacher_dir(config):
+        teacher.teacher_dir(config, loaded.checkpoint_dir)  # a bad path fails before any write
     abstract_params = registry.abstract_params(loaded.config)
     try:
         frozen = freezing.frozen_modules(abstract_params.keys(), config.train.frozen_layers)
@@ -689,6 +708,18 @@ def _train_and_evaluate(
     keys = tstep.batch_keys(model_config.model_type)
     batch_shardings = {k: shd.batch_sharding(mesh) for k in keys}
     condition = config.data.condition
+    objective = teacher.objective_of(config)
+    step_args: tuple[Any, ...] = ()
+    in_shardings: tuple[Any, ...] = (shardings, batch_shardings)
+    if objective.frozen_teacher:
+        # Loaded on every start (never checkpointed), sharded like the student's params.
+        step_args = (
+            teacher.load_teacher(config, model_config, loaded.checkpoint_dir, target.params),
+        )
+        in_shardings += (shardings.params,)
+        logger.message(
+            f"distillation teacher: {teacher.teacher_dir(config, loaded.checkpoint_dir)}"
+        )
     step_fn = jax.jit(
         tstep.make_train_step(
             model,
@@ -700,8 +731,9 @@ def _train_and_evaluate(
             tuple(config.train.inject_nonfinite_steps),
             config.train.loss_chunk,
             frozen,
+            objective,
         ),
-        in_shardings=(shardings, batch_shardings),
+        in_shardings=in_shardings,
         out_shardings=(shardings, shd.replicated(mesh)),
         donate_argnums=(0,),
     )
@@ -762,7 +794,7 @@ def _train_and_evaluate(
                         break
                     local = next(data_setup.train)
                     batch = _global_batch(local, keys, mesh, config.train.batch_size)
-                    state, metrics = step_fn(state, batch)
+                    state, metrics = step_fn(state, batch, *step_args)
                     step += 1
                     pending.append(metrics)
                     # The previous step's flag, so that the device keeps one step queued.

@@ -30,6 +30,11 @@ DEFAULT_MODEL = "default"
 RANDOM_INIT = ""
 
 
+OBJECTIVES = ("lm", "distill", "mix")
+DISTILL_POSITIONS = ("completion", "after_gist")
+SELF_TEACHER, BASE_TEACHER = "self", "base"
+
+
 class ConfigError(ValueError):
     """A config with impossible values; the message lists every problem by key."""
 
@@ -88,6 +93,20 @@ def base_config() -> ml_collections.ConfigDict:
     # and the first N layers at their pretrained values and never computes their
     # gradients (gist_jax.freezing); 0 trains everything.
     c.train.frozen_layers = 0
+    # What the step minimises: "lm" (cross-entropy on the completion), "distill" (context
+    # distillation: KL(teacher || student), the teacher seeing the whole prompt, the
+    # student under data.condition) or "mix" ((1 - w) * lm + w * distill, w =
+    # distill_weight). Decoder-only models.
+    c.train.objective = "lm"
+    c.train.distill_weight = 0.5  # "mix" only
+    # The teacher: "self" (the student itself behind stop_gradient, no extra params),
+    # "base" (the frozen starting weights of model.checkpoint) or a converted checkpoint
+    # directory (e.g. a trained pos_control model's WORKDIR/export), held frozen.
+    c.train.teacher = "self"
+    c.train.distill_temperature = 1.0  # softens both distributions; the KL is scaled by T^2
+    # Where the KL is taken: "completion" (the loss positions) or "after_gist" (every real
+    # position after the gist tokens: the input as well).
+    c.train.distill_positions = "completion"
     c.train.seed = 0  # params init (random-init models), data order
     c.train.log_every = 10
     c.train.eval_every = 100  # 0: only at the end
@@ -148,6 +167,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "train.inject_nonfinite_steps",
         "expected step numbers >= 1",
     )
+    need(t.objective in OBJECTIVES, "train.objective", f"expected one of {OBJECTIVES}")
+    need(0 < t.distill_weight <= 1, "train.distill_weight", "must be in (0, 1]")
+    need(t.distill_temperature > 0, "train.distill_temperature", "must be > 0")
+    need(
+        t.distill_positions in DISTILL_POSITIONS,
+        "train.distill_positions",
+        f"expected one of {DISTILL_POSITIONS}",
+    )
+    need(bool(t.teacher), "train.teacher", "expected 'self', 'base' or a checkpoint directory")
+    if t.objective != "lm" and t.teacher == "base":
+        need(
+            m.checkpoint != RANDOM_INIT,
+            "train.teacher",
+            "'base' is the starting checkpoint, and model.checkpoint is empty (random init)",
+        )
     need(t.steps >= 0, "train.steps", "must be >= 0")
     need(t.steps > 0 or t.epochs > 0, "train.epochs", "set train.steps or train.epochs > 0")
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")

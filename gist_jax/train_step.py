@@ -27,6 +27,7 @@ frozen ones as they are.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -175,6 +176,92 @@ def _split_micro(batch: Batch, grad_accum: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the step minimises (``train.objective``, see ``gist_jax.train_config``).
+
+    ``distill_weight`` w: the loss is ``(1 - w) * LM + w * KL(teacher || student)``; 0 is
+    the plain LM loss (no teacher pass is built). ``teacher``: "self" (the student's own
+    params behind ``stop_gradient``) or "frozen" (params passed to the step as its third
+    argument: the starting weights or a trained checkpoint). The teacher sees the same
+    tokens under ``teacher_condition`` (the whole prompt visible); the KL is taken at the
+    completion positions, or at every real position after the gist tokens
+    (``positions="after_gist"``), at ``temperature``."""
+
+    distill_weight: float = 0.0
+    teacher: str = "self"
+    temperature: float = 1.0
+    positions: str = "completion"
+    teacher_condition: str = "pos_control"
+
+    @property
+    def distills(self) -> bool:
+        return self.distill_weight > 0
+
+    @property
+    def frozen_teacher(self) -> bool:
+        return self.distills and self.teacher == "frozen"
+
+
+LM = Objective()
+
+
+def distill_weights(batch: Batch, positions: str) -> jax.Array:
+    """``float32[B, L]`` positions whose next-token distribution is distilled."""
+    loss = batch["loss_mask"].astype(jnp.float32)
+    if positions == "completion":
+        return loss
+    if positions != "after_gist":
+        raise ValueError(f"unknown distillation positions {positions!r}")
+    last = batch["gist_last"]
+    after = (batch["positions"] > last) & (last != gist.NO_GIST) & (batch["targets"] >= 0)
+    return jnp.maximum(loss, after.astype(jnp.float32))
+
+
+def distill_sums(
+    model: nn.Module,
+    params: Any,
+    teacher_params: Any,
+    batch: Batch,
+    condition: str,
+    objective: Objective,
+    loss_chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """``(summed LM cross-entropy over loss_mask, summed KL over the distilled positions)``
+    of a decoder-only model: one student pass under ``condition``, one teacher pass
+    (no gradient) under ``objective.teacher_condition``."""
+    length = batch["input_ids"].shape[1]
+    chunk = loss_chunk if loss_chunk > 0 else length
+
+    def hidden_of(p: Any, cond: str) -> jax.Array:
+        mask = _decoder_mask(batch, cond)
+        hidden, _ = model.apply(
+            {"params": p}, batch["input_ids"], batch["positions"], mask, return_hidden=True
+        )
+        return hidden
+
+    student = hidden_of(params, condition)
+    kernel = llama.output_kernel(params, model.config)
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    teacher = jax.lax.stop_gradient(hidden_of(teacher_params, objective.teacher_condition))
+    teacher_kernel = llama.output_kernel(teacher_params, model.config)
+    lm = jnp.zeros((), jnp.float32)
+    if objective.distill_weight < 1:
+        lm = output_loss.chunked_cross_entropy(
+            student, kernel, batch["targets"], batch["loss_mask"], chunk
+        )
+    kl = output_loss.chunked_kl(
+        student,
+        kernel,
+        teacher,
+        teacher_kernel,
+        distill_weights(batch, objective.positions),
+        chunk,
+        objective.temperature,
+    )
+    return lm, kl
+
+
 def make_train_step(
     model: nn.Module,
     model_type: str,
@@ -185,7 +272,8 @@ def make_train_step(
     inject_nonfinite_steps: Sequence[int] = (),
     loss_chunk: int = 0,
     frozen: frozenset[str] = frozenset(),
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    objective: Objective = LM,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The (unjitted) step ``(state, batch) -> (new_state, metrics)``; ``metrics`` holds
     ``loss`` (mean over loss tokens), ``grad_norm`` (before clipping), ``lr`` (the rate this
     update used), ``tokens`` (non-padding), ``loss_tokens`` and ``nonfinite`` (1 when the
@@ -194,45 +282,71 @@ def make_train_step(
     ``inject_nonfinite_steps``: fault injection for tests, steps (1 = first update) whose
     loss is multiplied by NaN; adds nothing to the program when empty. ``loss_chunk``: see
     ``loss_sums``. ``frozen``: top-level param modules not trained (``gist_jax.freezing``;
-    ``optimizer`` must be restricted to match)."""
+    ``optimizer`` must be restricted to match).
+
+    ``objective`` (decoder-only models): with distillation, ``loss`` is the weighted
+    objective and ``metrics`` adds ``lm_loss`` (mean over loss tokens) and ``kl`` (mean
+    over the distilled positions); a "frozen" teacher makes the step
+    ``(state, batch, teacher_params)``, the teacher's params sharded like the student's and
+    never part of the state (so never in a checkpoint)."""
     poisoned = np.asarray(sorted(inject_nonfinite_steps), np.int32)
+    if objective.distills and model_type == "t5":
+        raise ValueError("distillation is implemented for decoder-only models")
+    w = objective.distill_weight
 
     def grads_of(
-        params: Any, micro: Batch, step: jax.Array, denom: jax.Array
-    ) -> tuple[tuple[jax.Array, jax.Array], Any]:
+        params: Any, teacher: Any, micro: Batch, step: jax.Array, denoms: tuple[jax.Array, ...]
+    ) -> tuple[tuple[jax.Array, tuple[jax.Array, jax.Array]], Any]:
         # Gradients of the trained modules only (all of them when nothing is frozen).
         trained, fixed = freezing.split(params, frozen)
+        denom, kl_denom = denoms
 
         # The loss is divided by the whole batch's token count *inside* the differentiated
         # function, so the gradients come out already averaged: no extra pass over a
         # params-sized tree to divide them afterwards.
-        def f(p: Any) -> tuple[jax.Array, jax.Array]:
-            total, count = loss_sums(
-                model, model_type, freezing.merge(p, fixed), micro, condition, loss_chunk
-            )
+        def f(p: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            full = freezing.merge(p, fixed)
+            if objective.distills:
+                # A "self" teacher is the student's own params (stop_gradient inside).
+                teacher_params = full if teacher is None else teacher
+                lm, kl = distill_sums(
+                    model, full, teacher_params, micro, condition, objective, loss_chunk
+                )
+                lm, kl = lm / denom, kl / kl_denom
+                total = (1 - w) * lm + w * kl
+            else:
+                total, _ = loss_sums(model, model_type, full, micro, condition, loss_chunk)
+                total = lm = total / denom
+                kl = jnp.zeros((), jnp.float32)
             if inject_nonfinite_steps:
                 total = total * jnp.where(jnp.isin(step + 1, poisoned), jnp.nan, 1.0)
-            return total / denom, count
+            return total, (lm, kl)
 
-        (mean, count), grads = jax.value_and_grad(f, has_aux=True)(trained)
-        return (mean, count), grads
+        return jax.value_and_grad(f, has_aux=True)(trained)
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(
+        state: TrainState, batch: Batch, teacher: Any = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        if objective.frozen_teacher and teacher is None:
+            raise ValueError("a frozen-teacher objective needs the teacher's params")
         count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         denom = jnp.maximum(count, 1.0)
+        kl_count = jnp.sum(distill_weights(batch, objective.positions)) if w > 0 else count
+        denoms = (denom, jnp.maximum(kl_count, 1.0))
         if grad_accum == 1:
-            (loss, _), grads = grads_of(state.params, batch, state.step, denom)
+            (loss, parts), grads = grads_of(state.params, teacher, batch, state.step, denoms)
         else:
             micro = _split_micro(batch, grad_accum)
             zeros = jax.tree.map(jnp.zeros_like, freezing.split(state.params, frozen)[0])
 
             def body(carry: Any, mb: Batch) -> tuple[Any, None]:
-                acc_loss, acc_grads = carry
-                (part, _), g = grads_of(state.params, mb, state.step, denom)
-                return (acc_loss + part, jax.tree.map(jnp.add, acc_grads, g)), None
+                acc_loss, acc_parts, acc_grads = carry
+                (part, sub), g = grads_of(state.params, teacher, mb, state.step, denoms)
+                acc_parts = jax.tree.map(jnp.add, acc_parts, sub)
+                return (acc_loss + part, acc_parts, jax.tree.map(jnp.add, acc_grads, g)), None
 
-            init = (jnp.zeros((), jnp.float32), zeros)
-            (loss, grads), _ = jax.lax.scan(body, init, micro)
+            scalar = jnp.zeros((), jnp.float32)
+            (loss, parts, grads), _ = jax.lax.scan(body, (scalar, (scalar, scalar), zeros), micro)
         grad_norm = optax.global_norm(grads)
         lr = schedule(state.step)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
@@ -261,6 +375,8 @@ def make_train_step(
             "loss_tokens": count,
             "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
+        if objective.distills:
+            metrics["lm_loss"], metrics["kl"] = parts
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -171,6 +172,31 @@ def test_masked_controls_reuse_the_trained_gist_model(trained):
         assert result.metrics[split]["gist"] == first.metrics[split]["gist"]
 
 
+def test_gist_model_distils_from_the_runs_own_pos_control(trained, tmp_path):
+    """quickstart.teacher=pos_control: the pos_control model is trained first (here: the
+    finished one, reused) and the gist model distils from its export; the controls keep
+    the plain LM objective."""
+    _, workdir, _ = trained
+    run = tmp_path / "distill"
+    run.mkdir()
+    shutil.copytree(workdir / "pos_control", run / "pos_control")
+    config = tiny_config()
+    config.train.objective = "mix"
+    config.quickstart.teacher = "pos_control"
+    config.quickstart.controls = "trained"
+    config.quickstart.export_hf = False
+    config.eval.conditions = ("gist", "pos_control")
+    assert list(quickstart.training_configs(config))[:2] == ["pos_control", "gist"]
+    assert quickstart.training_configs(config)["neg_control"].train.objective == "lm"
+    result = quickstart.quickstart(config, run, progress=False)
+    records = read_metrics(run / "gist", "train")
+    assert all(r["kl"] > 0 and r["lm_loss"] > 0 for r in records)
+    assert [r["step"] for r in read_metrics(run / "pos_control", "train")] == [1, 2, 3]
+    summary = json.loads((run / quickstart.SUMMARY_FILE).read_text())
+    assert summary["config"]["quickstart"]["teacher"] == "pos_control"
+    assert set(result.metrics[SPLITS[0]]) == {"gist", "pos_control"}
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
@@ -179,6 +205,8 @@ def test_masked_controls_reuse_the_trained_gist_model(trained):
         ("data.num_gist_tokens", 0, "data.num_gist_tokens=0"),
         ("data.condition", "pos_control", "data.condition='pos_control'"),
         ("train.lr", 0.0, "train.lr=0.0"),
+        ("quickstart.teacher", "base", "quickstart.teacher='base'"),
+        ("quickstart.teacher", "pos_control", "needs train.objective"),
     ],
 )
 def test_bad_config_fails_before_any_work(tmp_path, key, value, message):
@@ -255,8 +283,13 @@ def test_replication_report_over_k(trained, tmp_path):
         assert rows["gist (k=2)"] == second.metrics[split]["gist"]
         assert rows["neg_control"] == first.metrics[split]["neg_control"]
     assert "| gist (k=2) |" in text and (out / "table.md").read_text() == text
-    for name in ("training_curves.png", "rouge_l.png"):
+    for name in ("training_curves.png", "rouge_l.png", "gap_vs_minutes.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Gap shares with paired intervals for every gist row, against the first run's controls.
+    for split in SPLITS:
+        for row in ("gist (k=1)", "gist (k=2)"):
+            assert set(saved["gap_intervals"][split][row]) == {"rougeL", "exact_match"}
+    assert "| gap recovered, ROUGE-L [95% CI] / EM [95% CI] |" in text
 
     # Paired differences are over the same examples, so their mean is the difference of
     # the table's means; each run's own files are copied beside the report.

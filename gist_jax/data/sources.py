@@ -1,6 +1,8 @@
 """One entry point for example sources: the built-in synthetic suite or Alpaca+ files.
 
-``load_examples("synthetic", split)`` generates the split; any other source is a directory
+``load_examples("synthetic", split)`` generates the split of the built-in suite (version 1,
+``gist_jax.data.synthetic``; ``"synthetic_v2"``: version 2, ``gist_jax.data.synthetic_v2``);
+any other source is a directory
 or URL prefix holding ``alpaca_plus_{split}.json`` (read and validated by ``alpaca``).
 """
 
@@ -12,6 +14,7 @@ from typing import Any
 from gist_jax.data import alpaca
 
 SYNTHETIC = "synthetic"
+SYNTHETIC_V2 = "synthetic_v2"
 
 
 def load_examples(
@@ -28,13 +31,16 @@ def load_examples(
     ``seed`` choose what is generated; for files, ``num_examples`` keeps only the first
     that many examples (after validation) and ``seed`` is unused.
     """
-    if str(source) == SYNTHETIC:
+    if str(source) in (SYNTHETIC, SYNTHETIC_V2):
         # Imported here so `python -m gist_jax.data.synthetic` does not import it twice.
-        from gist_jax.data import synthetic
+        from gist_jax.data import synthetic, synthetic_v2
 
-        size = synthetic.DEFAULT_SIZES[split] if num_examples is None else num_examples
-        examples = synthetic.make_split(split, size, seed)
-        report = alpaca.LoadReport(source=f"{SYNTHETIC}:{split}", loaded=size, kept=size)
+        suite = synthetic if str(source) == SYNTHETIC else synthetic_v2
+        if split not in suite.SPLITS:
+            raise ValueError(f"unknown {source} split {split!r}; expected one of {suite.SPLITS}")
+        size = suite.DEFAULT_SIZES[split] if num_examples is None else num_examples
+        examples = suite.make_split(split, size, seed)
+        report = alpaca.LoadReport(source=f"{source}:{split}", loaded=size, kept=size)
         return examples, report
     examples, report = alpaca.load_split(source, split, on_empty=on_empty, cache_dir=cache_dir)
     if num_examples is not None:

@@ -1,0 +1,83 @@
+"""Context distillation's set-up: the step's ``Objective`` from the config, and the frozen
+teacher's params (``train.teacher`` = "base" or a checkpoint directory), placed on the mesh
+like the student's.
+
+Why the teacher lives outside the train state: a frozen teacher never changes, so writing
+it into every checkpoint would double the checkpoints for nothing. It is loaded again from
+its source whenever a run starts or resumes; the step takes it as a separate argument.
+A "self" teacher needs no params at all (the step uses the student's, behind
+``stop_gradient``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from gist_jax import train_config
+from gist_jax import train_step as tstep
+from gist_jax.convert import common
+from gist_jax.models import registry
+
+# Fields that say how a model runs, not what it is: a teacher may differ in them.
+_RUNTIME_FIELDS = ("dtype", "scan_layers", "remat")
+
+
+def objective_of(config: ml_collections.ConfigDict) -> tstep.Objective:
+    """The step's objective for ``train.objective`` and the ``train.distill_*`` keys."""
+    t = config.train
+    weight = {"lm": 0.0, "distill": 1.0, "mix": float(t.distill_weight)}[t.objective]
+    self_teacher = t.teacher == train_config.SELF_TEACHER
+    return tstep.Objective(
+        distill_weight=weight,
+        teacher="self" if self_teacher else "frozen",
+        temperature=float(t.distill_temperature),
+        positions=t.distill_positions,
+    )
+
+
+def teacher_dir(config: ml_collections.ConfigDict, base_dir: pathlib.Path | None) -> pathlib.Path:
+    """The converted checkpoint directory of a frozen teacher ("base": ``base_dir``, the
+    run's starting checkpoint)."""
+    if config.train.teacher == train_config.BASE_TEACHER:
+        if base_dir is None:
+            raise train_config.ConfigError(
+                "train.teacher='base': the run starts from random init, there are no "
+                "starting weights to distil from"
+            )
+        return base_dir
+    path = pathlib.Path(config.train.teacher)
+    if not (path / common.MODEL_CONFIG_FILE).is_file():
+        raise train_config.ConfigError(
+            f"train.teacher={config.train.teacher!r}: not a converted checkpoint directory "
+            f"(no {common.MODEL_CONFIG_FILE}); give 'self', 'base' or e.g. a trained "
+            "pos_control run's WORKDIR/export"
+        )
+    return path
+
+
+def load_teacher(
+    config: ml_collections.ConfigDict,
+    model_config: Any,
+    base_dir: pathlib.Path | None,
+    target: Any,
+) -> Any:
+    """The frozen teacher's params, restored straight into ``target`` (the student's
+    abstract params with their shardings). Raises ``ConfigError`` naming
+    ``train.teacher`` when it is a different architecture than the student."""
+    path = teacher_dir(config, base_dir)
+    saved = registry.config_from_dict(common.read_model_config(path))
+    same = {f: getattr(model_config, f) for f in _RUNTIME_FIELDS}
+    if dataclasses.replace(saved, **same) != model_config:
+        raise train_config.ConfigError(
+            f"train.teacher={str(path)!r}: its model config differs from the student's "
+            "(distillation needs the same architecture and vocabulary)"
+        )
+    same_layout = saved.scan_layers == model_config.scan_layers
+    _, params, _ = registry.load_checkpoint(
+        path, target=target if same_layout else None, scan_layers=model_config.scan_layers
+    )
+    return params
