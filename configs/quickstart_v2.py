@@ -1,7 +1,7 @@
 """The quickstart on synthetic suite version 2 (``gist_jax.data.synthetic_v2``): thousands
 of distinct, parameterised and composed instructions, evaluated at three distances from
 training on 200 examples per split. The recipe is the quickstart's own; docs/results.md
-section 2 has the measured table and the ablation (objective, k, steps)::
+section 4 has the measured table and the ablation (objective, k, steps)::
 
     python -m gist_jax.quickstart --workdir=workdirs/quickstart_v2 --config=configs/quickstart_v2.py
 """

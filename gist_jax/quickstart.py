@@ -84,7 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = False
     # Suite version 1: at this budget the one on which gisting visibly works (on the
     # training families). Version 2 (thousands of distinct instructions) is
-    # configs/quickstart_v2.py; docs/results.md section 2 has what it measured.
+    # configs/quickstart_v2.py; docs/results.md section 4 has what it measured.
     c.data.source = "synthetic"
     c.data.num_gist_tokens = 1
     c.data.condition = "gist"

@@ -63,12 +63,24 @@ def load_run(workdir: str | pathlib.Path) -> dict[str, Any]:
                 predictions.setdefault((row["split"], row["condition"]), []).append(row)
     summary_file = workdir / quickstart.SUMMARY_FILE
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    # The gist model's stepping time, from its own log: a run reused by a later quickstart
+    # invocation keeps its training time (the invocation's own seconds would be ~0).
+    step_seconds = math.nan
+    log = workdir / "gist" / "metrics.jsonl"
+    if log.is_file():
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        train = [r for r in records if r.get("kind") == "train" and "step_time_s" in r]
+        previous, total = 0, 0.0
+        for r in train:
+            total += float(r["step_time_s"]) * (int(r["step"]) - previous)
+            previous = int(r["step"])
+        step_seconds = total if train else math.nan
     return {
         "workdir": str(workdir),
         "metrics": metrics,
         "curves": curves,
         "predictions": predictions,
-        "train_gist_s": summary.get("seconds", {}).get("train_gist", math.nan),
+        "train_gist_s": step_seconds,
         "objective": summary.get("config", {}).get("train", {}).get("objective", "lm"),
     }
 
@@ -187,24 +199,26 @@ def paired_differences(
     return out
 
 
-def paired_markdown(paired: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """The paired differences as a table: mean +- standard error per split."""
-    splits = list(paired)
-    rows = list(dict.fromkeys(r for split in splits for r in paired[split]))
-    lines = [
-        "| paired ROUGE-L difference, mean +- SE | " + " | ".join(splits) + " |",
-        "|---|" + "---|" * len(splits),
-    ]
+def _split_table(title: str, by_split: Mapping[str, Mapping[str, Any]], cell: Any) -> str:
+    """A markdown table with one row per key of the splits' entries and one column per
+    split; ``cell(value)`` formats an entry, "-" where a split lacks the row."""
+    splits = list(by_split)
+    rows = list(dict.fromkeys(r for split in splits for r in by_split[split]))
+    lines = [f"| {title} | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
     for row in rows:
-        cells = [
-            # round() first, then + 0.0: a mean of -0.04 prints "0.0", not "-0.0".
-            f"{round(paired[s][row]['mean'], 1) + 0.0:.1f} +- {paired[s][row]['se']:.1f}"
-            if row in paired[s]
-            else "-"
-            for s in splits
-        ]
+        cells = [cell(by_split[s][row]) if row in by_split[s] else "-" for s in splits]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired_markdown(paired: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """The paired differences as a table: mean +- standard error per split."""
+    # round() first, then + 0.0: a mean of -0.04 prints "0.0", not "-0.0".
+    return _split_table(
+        "paired ROUGE-L difference, mean +- SE",
+        paired,
+        lambda d: f"{round(d['mean'], 1) + 0.0:.1f} +- {d['se']:.1f}",
+    )
 
 
 def gap_intervals(
@@ -241,26 +255,16 @@ def gap_intervals(
 
 def gap_markdown(intervals: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> str:
     """Gap shares with their paired 95% bootstrap intervals, ROUGE-L and exact match."""
-    splits = list(intervals)
-    rows = list(dict.fromkeys(r for split in splits for r in intervals[split]))
-    lines = [
-        "| gap recovered, ROUGE-L [95% CI] / EM [95% CI] | " + " | ".join(splits) + " |",
-        "|---|" + "---|" * len(splits),
-    ]
 
-    def cell(g: Mapping[str, float]) -> str:
+    def interval(g: Mapping[str, float]) -> str:
         f = quickstart.format_share
         return f"{f(g['share'])} [{f(g['low'])}, {f(g['high'])}]"
 
-    for row in rows:
-        cells = [
-            f"{cell(intervals[s][row]['rougeL'])} / {cell(intervals[s][row]['exact_match'])}"
-            if row in intervals[s]
-            else "-"
-            for s in splits
-        ]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _split_table(
+        "gap recovered, ROUGE-L [95% CI] / EM [95% CI]",
+        intervals,
+        lambda m: f"{interval(m['rougeL'])} / {interval(m['exact_match'])}",
+    )
 
 
 def copy_run_files(runs: Mapping[str, str | pathlib.Path], out: pathlib.Path) -> None:
@@ -362,7 +366,7 @@ def plot_gap_vs_minutes(
         if not plotted:
             ax.text(0.5, 0.5, "no pos-neg gap to recover", ha="center", transform=ax.transAxes)
         ax.set_title(split, fontsize=9)
-        ax.set_xlabel("gist model training (minutes)")
+        ax.set_xlabel("gist model training steps (minutes)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("ROUGE-L gap recovered (%)")
     handles = [

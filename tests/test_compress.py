@@ -99,9 +99,14 @@ def test_llama_input_logits_equal_full_sequence(llama_run):
             n_input = len(split.inputs[i])
             ref = _llama_reference_logits(config, params, tokens)[-n_input:]
             assert np.abs(ref).max() > 1.0  # not a trivially flat model
-            diffs.append(float(np.abs(compressed[i].prompt_logits - ref).max()))
+            # Relative to the logits' size: float32 rounding grows with the values, and
+            # XLA's reduction order differs between CPUs and versions (1.07e-5 absolute on
+            # logits up to ~8 under jax 0.10.2 on this project's CI machine).
+            scale = float(np.abs(ref).max())
+            diffs.append(float(np.abs(compressed[i].prompt_logits - ref).max()) / scale)
             # The full decode's prefill agrees with the dense reference too.
-            assert np.abs(llama_run["full"][i].prompt_logits[-n_input:] - ref).max() < TOL
+            full = llama_run["full"][i].prompt_logits[-n_input:]
+            assert np.abs(full - ref).max() / scale < TOL
         _report("llama input-token logits", diffs)
         assert max(diffs) < TOL
 
