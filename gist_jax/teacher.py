@@ -39,6 +39,23 @@ def objective_of(config: ml_collections.ConfigDict) -> tstep.Objective:
     )
 
 
+def check_objective(
+    config: ml_collections.ConfigDict, model_type: str, base_dir: pathlib.Path | None
+) -> None:
+    """Raise ``ConfigError`` (naming the key) for an objective this run cannot train:
+    distillation of T5, or a frozen teacher that is not there; before anything is written."""
+    t = config.train
+    if t.objective == "lm":
+        return
+    if model_type == "t5":
+        raise train_config.ConfigError(
+            f"train.objective={t.objective!r}: distillation is implemented for decoder-only "
+            "models (LLaMA family); T5 trains with 'lm'"
+        )
+    if t.teacher != train_config.SELF_TEACHER:
+        teacher_dir(config, base_dir)
+
+
 def teacher_dir(config: ml_collections.ConfigDict, base_dir: pathlib.Path | None) -> pathlib.Path:
     """The converted checkpoint directory of a frozen teacher ("base": ``base_dir``, the
     run's starting checkpoint)."""

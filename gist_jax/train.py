@@ -149,11 +149,6 @@ def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
     return LoadedModel(model_config, module, tokenizer, ckpt_dir, saved.scan_layers)
 
 
-def objective_needs_teacher_dir(config: ml_collections.ConfigDict) -> bool:
-    """Whether the objective distils from a frozen teacher (loaded from a directory)."""
-    return config.train.objective != "lm" and config.train.teacher != train_config.SELF_TEACHER
-
-
 def _model_dims(model_config: Any) -> dict[str, int]:
     """Sizes of the logical activation axes, so rules that would not divide are dropped."""
     names = {
@@ -605,13 +600,7 @@ def _train_and_evaluate(
     _check_batch_fits_mesh(config, mesh)
     workdir = ckpt_lib.check_workdir_writable(workdir)
     loaded = load_model(config)
-    if config.train.objective != "lm" and loaded.config.model_type == "t5":
-        raise train_config.ConfigError(
-            f"train.objective={config.train.objective!r}: distillation is implemented for "
-            "decoder-only models (LLaMA family); T5 trains with 'lm'"
-        )
-    if objective_needs_teacher_dir(config):
-        teacher.teacher_dir(config, loaded.checkpoint_dir)  # a bad path fails before any write
+    teacher.check_objective(config, loaded.config.model_type, loaded.checkpoint_dir)
     abstract_params = registry.abstract_params(loaded.config)
     try:
         frozen = freezing.frozen_modules(abstract_params.keys(), config.train.frozen_layers)
