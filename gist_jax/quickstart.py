@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from gist_jax import gist, train_config
 
@@ -262,9 +263,10 @@ def gap_recovered(
     """The share of the pos_control - neg_control gap in ``key`` that gist recovers, in %:
     ``100 * (gist - neg) / (pos - neg)``; NaN unless pos_control beats neg_control by at
     least one point (otherwise the controls do not bracket anything)."""
+    from gist_jax import gap
+
     m = metrics[split]
-    pos, neg, g = m["pos_control"][key], m["neg_control"][key], m["gist"][key]
-    return 100.0 * (g - neg) / (pos - neg) if pos - neg >= 1.0 else float("nan")
+    return gap.share(*(np.asarray([m[c][key]]) for c in gap.CONDITIONS))
 
 
 def format_share(share: float) -> str:
