@@ -36,8 +36,8 @@ import numpy as np
 
 from gist_jax import decode, gist, sharding
 from gist_jax.decode import Generation, SamplingConfig
-from gist_jax.models import registry
 from gist_jax.models.attention import KVCache
+from gist_jax.models.family import family_of
 
 
 class GistCacheError(ValueError):
@@ -135,16 +135,9 @@ class GistCache:
 
 
 def cache_bytes(config: Any, num_tokens: int | float) -> float:
-    """Bytes of cached state for ``num_tokens`` tokens of one prompt:
-    ``tokens * layers * 2 * kv_heads * head_dim * itemsize`` (LLaMA), plus the final
-    hidden state per token for T5's encoder-side cache. With ``k`` it is a gist cache; with
-    the prompt length, an ordinary prompt (prefix) cache."""
-    itemsize = jnp.dtype(config.compute_dtype).itemsize
-    if config.model_type == "t5":
-        per_token = config.num_layers * 2 * config.num_heads * config.d_kv + config.d_model
-    else:
-        per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
-    return float(num_tokens) * per_token * itemsize
+    """Bytes of cached state for ``num_tokens`` tokens of one prompt (``Family.cache_bytes``):
+    with ``k`` a gist cache, with the prompt length an ordinary prompt (prefix) cache."""
+    return family_of(config).cache_bytes(config, num_tokens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,7 +213,7 @@ def _llama_compress(
 ) -> GistCache:
     decode.TRACE_COUNTS["llama_compress"] += 1
     with decode._rules_context(rules):
-        model = registry.model_module("llama").build_model(config)
+        model = family_of(config).build(config)
         batch, length = input_ids.shape
         cache = KVCache.empty(
             config.num_hidden_layers,
@@ -242,7 +235,7 @@ def _llama_compress(
             v=jnp.take_along_axis(cache.v, index, axis=2),
             positions=slots,
             hidden=None,
-            model_type="llama",
+            model_type=config.model_type,
         )
 
 
@@ -259,7 +252,7 @@ def _t5_compress(
 ) -> GistCache:
     decode.TRACE_COUNTS["t5_compress"] += 1
     with decode._rules_context(rules):
-        model = registry.model_module("t5").build_model(config)
+        model = family_of(config).build(config)
         mask = gist.encoder_self_mask(positions, positions, first, last, "gist")
         out = model.apply(
             {"params": params},
@@ -272,14 +265,17 @@ def _t5_compress(
             method="compress",
         )
         return GistCache(
-            k=out.kv.k, v=out.kv.v, positions=out.kv.pos, hidden=out.hidden, model_type="t5"
+            k=out.kv.k,
+            v=out.kv.v,
+            positions=out.kv.pos,
+            hidden=out.hidden,
+            model_type=config.model_type,
         )
 
 
-_COMPRESS = {
-    "llama": jax.jit(_llama_compress, static_argnames=("config", "num_gist", "rules")),
-    "t5": jax.jit(_t5_compress, static_argnames=("config", "num_gist", "rules")),
-}
+_COMPILED = functools.partial(jax.jit, static_argnames=("config", "num_gist", "rules"))
+_DECODER_COMPRESS = _COMPILED(_llama_compress)
+_ENCDEC_COMPRESS = _COMPILED(_t5_compress)
 
 
 def compress(
@@ -300,7 +296,7 @@ def compress(
     """
     gist_id = config.gist_token_id if gist_token_id is None else gist_token_id
     num_gist = check_prompts(prompts, gist_id)
-    fn = _COMPRESS[config.model_type]
+    fn = _ENCDEC_COMPRESS if family_of(config).encoder_decoder else _DECODER_COMPRESS
     rules = None  # activation constraints: see gist_jax.decode's module docstring
     pad_id = decode.default_pad_id(config)
     batch_size = decode.round_up(batch_size or len(prompts), decode.batch_multiple(mesh))
@@ -358,7 +354,7 @@ def _check_inputs(
                 f"tokens (max_input_length={max_input_length})"
             )
     limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and config.model_type == "llama":
+    if limit is not None:  # rotary positions have a limit; T5's relative buckets have none
         ends = np.asarray(decode.to_host(cache.last)) + 1
         needed = ends + np.asarray([len(r) for r in inputs]) + max_new_tokens
         worst = int(np.argmax(needed))
@@ -425,7 +421,7 @@ def generate(
         place = functools.partial(_place_rows, mesh=mesh)
         args = [decode.place_batch(a, mesh) for a in (ids, positions, first, last)]
         with decode.mesh_context(mesh):
-            if config.model_type == "t5":
+            if family_of(config).encoder_decoder:
                 prefix = decode.EncoderPrefix(
                     k=place(part.k, axis=1),
                     v=place(part.v, axis=1),

@@ -57,8 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax import gist, sharding
-from gist_jax.models import registry
 from gist_jax.models.attention import KVCache
+from gist_jax.models.family import family_of
 
 MIN_LENGTH_BUCKET = 16
 
@@ -178,7 +178,7 @@ def place_params(params: Any, config: Any, mesh: jax.sharding.Mesh | None) -> An
     they already are)."""
     if mesh is None:
         return params
-    axes = registry.model_module(config.model_type).param_logical_axes(config)
+    axes = family_of(config).param_axes(config)
     shardings = sharding.tree_shardings(params, axes, mesh)
     return jax.device_put(params, shardings)
 
@@ -353,7 +353,7 @@ def _llama_generate(
 ) -> LlamaDecodeOutput:
     TRACE_COUNTS["llama_generate"] += 1
     with _rules_context(opts.rules):
-        model = registry.model_module("llama").build_model(config)
+        model = family_of(config).build(config)
         batch, length = input_ids.shape
         n_prefix = 0 if prefix is None else prefix.pos.shape[1]
         # Prompt slots, then one slot per generated token but the last (never fed back).
@@ -451,8 +451,7 @@ def _t5_generate(
 ) -> T5DecodeOutput:
     TRACE_COUNTS["t5_generate"] += 1
     with _rules_context(opts.rules):
-        t5 = registry.model_module("t5")
-        model = t5.build_model(config)
+        model = family_of(config).build(config)
         variables = {"params": params}
         batch = input_ids.shape[0]
         if prefix is None:
@@ -620,7 +619,7 @@ def generate(
         key = jax.random.fold_in(rng, chunk_number)
         args = [place_batch(a, mesh) for a in (ids, positions, first, last)]
         with mesh_context(mesh):
-            if config.model_type == "t5":
+            if family_of(config).encoder_decoder:
                 out = t5_generate_arrays(
                     params, *args, key, None, config=config, opts=opts, start_id=t5_start_id(config)
                 )

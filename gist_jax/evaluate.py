@@ -73,17 +73,11 @@ def encode_split(
     """Tokenise examples with the family's template (prompt only), truncated to
     ``max_prompt_length`` tokens (user text is cut first; see ``gist_jax.data.tokenize``)."""
     from gist_jax import data
+    from gist_jax.models.family import family_of
 
-    if model_config.model_type == "t5":
-        encoded, trunc = data.encode_encdec_examples(
-            examples, tokenizer, num_gist, max_prompt_length, max_target_length=1
-        )
-        prompts = [e.source.tolist() for e in encoded]
-    else:
-        encoded, trunc = data.encode_decoder_examples(
-            examples, tokenizer, num_gist, max_prompt_length, with_completion=False
-        )
-        prompts = [e.prompt.tolist() for e in encoded]
+    encoded, prompts, trunc = data.encode_prompts(
+        examples, tokenizer, num_gist, max_prompt_length, family_of(model_config).encoder_decoder
+    )
     return EncodedSplit(
         examples=[examples[e.index] for e in encoded],
         prompts=prompts,
@@ -237,7 +231,7 @@ def evaluate(
     """Greedy-decode every example of every split under every condition and score it.
 
     Args:
-      model_config, params, tokenizer: the model (any family in the registry); the
+      model_config, params, tokenizer: the model (any family of ``gist_jax.models.family``); the
         tokenizer must have ``<GIST>`` when ``num_gist > 0``.
       splits: split name -> examples (dicts with ``instruction``, ``input``, ``output``).
       conditions: subset of ``gist.CONDITIONS``.
@@ -400,28 +394,34 @@ def settings_from_config(config: Any) -> dict[str, Any]:
     (defaults: 128 for decoder-only, ``data.max_target_length`` for T5; all conditions).
     """
     e = config.eval
-    t5 = _model_type_of(config) == "t5"
+    encdec = _family_of_run(config).encoder_decoder
     max_new = e.get("max_new_tokens", None) or (
-        config.data.max_target_length if t5 else DEFAULT_MAX_NEW_TOKENS
+        config.data.max_target_length if encdec else DEFAULT_MAX_NEW_TOKENS
     )
     return {
         "conditions": tuple(e.get("conditions", None) or gist.CONDITIONS),
         "num_gist": int(config.data.num_gist_tokens),
-        "max_prompt_length": int(config.data.max_source_length if t5 else config.data.max_length),
+        "max_prompt_length": int(
+            config.data.max_source_length if encdec else config.data.max_length
+        ),
         "max_new_tokens": int(max_new),
         "batch_size": int(e.batch_size),
     }
 
 
-def _model_type_of(config: Any) -> str:
+def _family_of_run(config: Any) -> Any:
+    """The model family a training config trains (random init, a checkpoint, or the
+    bundled default model, which is LLaMA-family)."""
+    from gist_jax.models.family import LLAMA, family_named
+
     init = config.model.get("init", None)
     if init is not None and init.get("model_type", None):
-        return str(init.model_type)
+        return family_named(init.model_type)
     if config.model.checkpoint and config.model.checkpoint != "default":
         from gist_jax.convert import common
 
-        return str(common.read_model_config(config.model.checkpoint)["model_type"])
-    return "llama"
+        return family_named(common.read_model_config(config.model.checkpoint)["model_type"])
+    return LLAMA
 
 
 def load_splits(
@@ -487,7 +487,7 @@ def load_for_eval(
     from gist_jax import checkpoint as ckpt_lib
     from gist_jax import optim, train
     from gist_jax import train_state as ts
-    from gist_jax.models import registry
+    from gist_jax.convert import loading
 
     loaded = train.load_model(config)
     model_config = loaded.config
@@ -502,7 +502,7 @@ def load_for_eval(
         if steps:
             step = checkpoint_step if checkpoint_step is not None else max(steps)
             # The train state's structure (optimizer state included) is needed to restore it.
-            axes = loaded.module.param_logical_axes(model_config)
+            axes = loaded.family.param_axes(model_config)
             schedule = optim.make_schedule(config.train.lr, 1, config.train.schedule, 0)
             optimizer = optim.make_optimizer(
                 schedule,
@@ -510,7 +510,7 @@ def load_for_eval(
                 weight_decay=config.train.weight_decay,
                 clip_norm=config.train.clip_norm,
             )
-            abstract = ts.abstract_state(registry.abstract_params(model_config), optimizer)
+            abstract = ts.abstract_state(loaded.family.abstract_params(model_config), optimizer)
             shardings = ts.state_shardings(abstract, axes, mesh, optimizer)
             state, _ = checkpointer.restore(ts.with_shardings(abstract, shardings), step)
             return model_config, state.params, loaded.tokenizer, int(step)
@@ -521,7 +521,7 @@ def load_for_eval(
             f"no checkpoint in {pathlib.Path(workdir) / ckpt_lib.CHECKPOINT_DIR} and the config's "
             "model is random init: nothing to evaluate"
         )
-    _, params, _ = registry.load_checkpoint(
+    _, params, _ = loading.load_checkpoint(
         loaded.checkpoint_dir, scan_layers=model_config.scan_layers
     )
     return model_config, params, loaded.tokenizer, 0

@@ -7,7 +7,7 @@ decoder layers at their pretrained values. The step asks for gradients of the tr
 parameters only, so XLA never builds the backward pass below layer N, nor the weight
 gradients of the frozen layers; the optimizer (``optax.multi_transform`` with
 ``set_to_zero`` for the frozen group) keeps no Adam moments for them, so checkpoints
-shrink as well. ``scripts/bench_frozen_layers.py`` measures the step time by N (on
+shrink as well. ``benchmarks/probes/bench_frozen_layers.py`` measures the step time by N (on
 SmolLM2-135M at 8 x 96 tokens: 4.90 s for N = 0, 2.80 s for N = 15 of 30).
 
 Why the embedding is frozen with the layers: the gradient of any embedding row, the

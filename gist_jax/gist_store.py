@@ -47,7 +47,7 @@ import numpy as np
 
 from gist_jax import compress as compress_lib
 from gist_jax.compress import GistCache
-from gist_jax.models import registry
+from gist_jax.models.family import config_from_dict, family_named, family_of
 
 FORMAT = "gist_jax.gist_store/1"
 STORE_FILE = "store.json"
@@ -96,9 +96,8 @@ _tree_checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
 def params_fingerprint(params: Any, config: Any) -> str:
     """Hex digest of the parameters' exact bits, the same for scanned and unrolled layouts
     and for any sharding."""
-    module = registry.model_module(config.model_type)
-    if getattr(config, "scan_layers", False) and hasattr(module, "relayout_params"):
-        params = module.relayout_params(params, config, False)
+    if config.scan_layers:
+        params = family_of(config).relayout_params(params, config, False)
     sums = jax.device_get(_tree_checksums(params))
     digest = hashlib.sha256()
     for path, leaf in sorted(
@@ -403,7 +402,7 @@ class GistStore:
         missing = [k for k in keys if k not in self]
         if missing:
             raise KeyError(f"{self.path}: no cached prompt(s) {missing[:5]}")
-        names = ["k", "v"] + (["hidden"] if self.info.model_type == "t5" else [])
+        names = family_named(self.info.model_type).cache_fields
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             pending = {
                 (key, name): pool.submit(lambda p: _read_array(p).result(), self._dir(key) / name)
@@ -428,8 +427,8 @@ class GistStore:
 
     def bytes_per_prompt(self) -> int:
         """Raw bytes of one cached prompt (keys, values and T5 hidden states)."""
-        config = registry.config_from_dict(self.info.model_config)
-        return int(compress_lib.cache_bytes(config, self.info.num_gist))
+        config = config_from_dict(self.info.model_config)
+        return int(family_of(config).cache_bytes(config, self.info.num_gist))
 
     def disk_bytes(self, key: str) -> int:
         """Bytes one entry takes on disk (zarr chunks, compressed, plus metadata)."""

@@ -17,7 +17,7 @@ Choices (and why):
   ``min(1, max_norm / norm)``, rather than optax's, which selects per element between the
   gradient and its clipped copy: on XLA's CPU backend that select kept the clipped tree
   from fusing into AdamW's update: the update of SmolLM2-135M alone took 295 ms instead of
-  151 ms (``python scripts/bench_optimizer.py``, which also times the whole train step
+  151 ms (``python -m benchmarks.probes.bench_optimizer``, which also times the whole train step
   both ways; there the difference is within this machine's noise).
 """
 

@@ -115,7 +115,7 @@ def _logits(states: jax.Array, kernel: jax.Array) -> jax.Array:
 # A custom VJP rather than autodiff through the scan: autodiff would stack every chunk's
 # softmax as a residual (zeros for the skipped ones) and carry a [D, V] cotangent through
 # every iteration; here the backward pass recomputes the logits of the needed chunks only
-# and accumulates the kernel gradient in place (scripts/bench_output_loss.py times it
+# and accumulates the kernel gradient in place (benchmarks/probes/bench_output_loss.py times it
 # against full logits; figures in docs/benchmarks/README.md).
 @jax.custom_vjp
 def _chunked_loss(hidden: jax.Array, kernel: jax.Array, chunks: tuple[jax.Array, ...]) -> jax.Array:

@@ -93,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.packing = True
     c.data.bucket_multiple = 96
     c.data.pack_open_rows = 8  # first-fit over 8 rows: 92% of the slots hold tokens, not 81%
-    # (scripts/packing_fill.py; the scan comparison: scripts/bench_scan_vs_unrolled.py)
+    # (benchmarks/probes/packing_fill.py; the scan comparison: benchmarks/probes/bench_scan_vs_unrolled.py)
     c.data.num_train_examples = 4000
     c.train.steps = 70
     c.train.batch_size = 8
@@ -403,8 +403,8 @@ def quickstart(
       devices: the devices to train on (default all).
     """
     from gist_jax import evaluate, gap, train
+    from gist_jax.convert import loading
     from gist_jax.convert.to_hf import convert_to_hf
-    from gist_jax.models import registry
 
     config = prepare_config(config)
     check_config(config)
@@ -457,7 +457,7 @@ def quickstart(
             f"{', '.join(f'{s} ({len(e)})' for s, e in splits.items())}",
             progress,
         )
-        model_config, params, tokenizer = registry.load_checkpoint(exports[trained])
+        model_config, params, tokenizer = loading.load_checkpoint(exports[trained])
         settings["conditions"] = conditions
         reports.append(
             evaluate.run_evaluation(

@@ -19,8 +19,8 @@ import ml_collections
 
 from gist_jax import train_config
 from gist_jax import train_step as tstep
-from gist_jax.convert import common
-from gist_jax.models import registry
+from gist_jax.convert import common, loading
+from gist_jax.models.family import Family, config_from_dict
 
 # Fields that say how a model runs, not what it is: a teacher may differ in them.
 _RUNTIME_FIELDS = ("dtype", "scan_layers", "remat")
@@ -40,14 +40,14 @@ def objective_of(config: ml_collections.ConfigDict) -> tstep.Objective:
 
 
 def check_objective(
-    config: ml_collections.ConfigDict, model_type: str, base_dir: pathlib.Path | None
+    config: ml_collections.ConfigDict, family: Family, base_dir: pathlib.Path | None
 ) -> None:
     """Raise ``ConfigError`` (naming the key) for an objective this run cannot train:
     distillation of T5, or a frozen teacher that is not there; before anything is written."""
     t = config.train
     if t.objective == "lm":
         return
-    if model_type == "t5":
+    if not family.chunked_output:
         raise train_config.ConfigError(
             f"train.objective={t.objective!r}: distillation is implemented for decoder-only "
             "models (LLaMA family); T5 trains with 'lm'"
@@ -86,7 +86,7 @@ def load_teacher(
     abstract params with their shardings). Raises ``ConfigError`` naming
     ``train.teacher`` when it is a different architecture than the student."""
     path = teacher_dir(config, base_dir)
-    saved = registry.config_from_dict(common.read_model_config(path))
+    saved = config_from_dict(common.read_model_config(path))
     same = {f: getattr(model_config, f) for f in _RUNTIME_FIELDS}
     if dataclasses.replace(saved, **same) != model_config:
         raise train_config.ConfigError(
@@ -94,7 +94,7 @@ def load_teacher(
             "(distillation needs the same architecture and vocabulary)"
         )
     same_layout = saved.scan_layers == model_config.scan_layers
-    _, params, _ = registry.load_checkpoint(
+    _, params, _ = loading.load_checkpoint(
         path, target=target if same_layout else None, scan_layers=model_config.scan_layers
     )
     return params

@@ -21,7 +21,7 @@ that the others fail fast instead of hanging. See docs/reliability.md.
 ``train_and_evaluate(config, workdir)`` is the library entry point; ``main`` only parses
 flags. Outputs in the workdir: ``model_config.json``, ``metrics.jsonl``, ``tensorboard/``,
 ``checkpoints/`` and, at the end, ``export/`` (a converted checkpoint directory that
-``gist_jax.models.registry.load_checkpoint``, decoding and evaluation read).
+``gist_jax.convert.loading.load_checkpoint``, decoding and evaluation read).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ from gist_jax import distributed, freezing, optim, teacher, tiny_tokenizer, trai
 from gist_jax import sharding as shd
 from gist_jax import train_state as ts
 from gist_jax import train_step as tstep
-from gist_jax.convert import common
-from gist_jax.models import registry
+from gist_jax.convert import common, loading
+from gist_jax.models.family import Family, config_from_dict, family_named, family_of
 from gist_jax.train_logging import MetricsLogger, read_metrics
 
 # ---------------------------------------------------------------------------------------
@@ -63,11 +63,11 @@ from gist_jax.train_logging import MetricsLogger, read_metrics
 
 @dataclasses.dataclass
 class LoadedModel:
-    """The model config of the run, its family module, tokenizer and (for pretrained
-    models) the converted checkpoint directory the params come from."""
+    """The model config of the run, its family, tokenizer and (for pretrained models) the
+    converted checkpoint directory the params come from."""
 
     config: Any
-    module: Any
+    family: Family
     tokenizer: Any
     checkpoint_dir: pathlib.Path | None
     saved_scan_layers: bool | None  # layout of the params in checkpoint_dir
@@ -112,14 +112,14 @@ def _load_tokenizer(spec: str, checkpoint_dir: pathlib.Path | None) -> Any:
 
 
 def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
-    """Model config (with the run's dtype/scan/remat), family module and tokenizer."""
+    """Model config (with the run's dtype/scan/remat), family and tokenizer."""
     source = config.model.checkpoint
     runtime = _runtime_fields(config)
     if source == train_config.RANDOM_INIT:
         tokenizer = _load_tokenizer(config.model.tokenizer, None)
         fields = dict(config.model.init.to_dict())
-        module = registry.model_module(fields["model_type"])
-        names = {f.name for f in dataclasses.fields(module.CONFIG_CLASS)}
+        family = family_named(fields["model_type"])
+        names = {f.name for f in dataclasses.fields(family.config_class)}
         if not fields.get("vocab_size"):
             fields["vocab_size"] = len(tokenizer)
         if fields["vocab_size"] < len(tokenizer):
@@ -136,17 +136,16 @@ def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
         }
         fields.update({k: v for k, v in token_ids.items() if k in names and v is not None})
         fields.update(runtime)
-        model_config = registry.config_from_dict(fields)
-        return LoadedModel(model_config, module, tokenizer, None, None)
+        model_config = config_from_dict(fields)
+        return LoadedModel(model_config, family, tokenizer, None, None)
 
     ckpt_dir = (
         _default_model_dir() if source == train_config.DEFAULT_MODEL else pathlib.Path(source)
     )
-    saved = registry.config_from_dict(common.read_model_config(ckpt_dir))
+    saved = config_from_dict(common.read_model_config(ckpt_dir))
     model_config = dataclasses.replace(saved, **runtime)
-    module = registry.model_module(model_config.model_type)
     tokenizer = _load_tokenizer(config.model.tokenizer, ckpt_dir)
-    return LoadedModel(model_config, module, tokenizer, ckpt_dir, saved.scan_layers)
+    return LoadedModel(model_config, family_of(saved), tokenizer, ckpt_dir, saved.scan_layers)
 
 
 def _model_dims(model_config: Any) -> dict[str, int]:
@@ -195,7 +194,7 @@ def build_data(config: ml_collections.ConfigDict, loaded: LoadedModel, mesh: Any
 
     d = config.data
     encoder = data.PieceEncoder(loaded.tokenizer)
-    decoder_only = loaded.config.model_type != "t5"
+    decoder_only = not loaded.family.encoder_decoder
     max_len: int | tuple[int, int] = (
         d.max_length if decoder_only else (d.max_source_length, d.max_target_length)
     )
@@ -600,8 +599,8 @@ def _train_and_evaluate(
     _check_batch_fits_mesh(config, mesh)
     workdir = ckpt_lib.check_workdir_writable(workdir)
     loaded = load_model(config)
-    teacher.check_objective(config, loaded.config.model_type, loaded.checkpoint_dir)
-    abstract_params = registry.abstract_params(loaded.config)
+    teacher.check_objective(config, loaded.family, loaded.checkpoint_dir)
+    abstract_params = loaded.family.abstract_params(loaded.config)
     try:
         frozen = freezing.frozen_modules(abstract_params.keys(), config.train.frozen_layers)
     except ValueError as e:
@@ -620,9 +619,9 @@ def _train_and_evaluate(
     )
     total_steps = total_steps_of(config, data_setup.train.batches_per_epoch(0))
 
-    module, model_config = loaded.module, loaded.config
-    model = module.build_model(model_config)
-    logical_axes = module.param_logical_axes(model_config)
+    family, model_config = loaded.family, loaded.config
+    model = family.build(model_config)
+    logical_axes = family.param_axes(model_config)
     schedule = optim.make_schedule(
         config.train.lr, total_steps, config.train.schedule, config.train.warmup
     )
@@ -679,7 +678,7 @@ def _train_and_evaluate(
         logger.message(f"resumed from {checkpointer.directory}/{latest}")
     elif loaded.checkpoint_dir is not None:
         same_layout = loaded.saved_scan_layers == model_config.scan_layers
-        _, params, _ = registry.load_checkpoint(
+        _, params, _ = loading.load_checkpoint(
             loaded.checkpoint_dir,
             target=target.params if same_layout else None,
             scan_layers=model_config.scan_layers,
@@ -688,13 +687,13 @@ def _train_and_evaluate(
         del params
     else:
         state = ts.init_state(
-            lambda key: module.init_params(model_config, key),
+            lambda key: family.init_params(model_config, key),
             optimizer,
             shardings,
             config.train.seed,
         )
 
-    keys = tstep.batch_keys(model_config.model_type)
+    keys = family.batch_keys
     batch_shardings = {k: shd.batch_sharding(mesh) for k in keys}
     condition = config.data.condition
     objective = teacher.objective_of(config)
@@ -712,7 +711,7 @@ def _train_and_evaluate(
     step_fn = jax.jit(
         tstep.make_train_step(
             model,
-            model_config.model_type,
+            family,
             optimizer,
             schedule,
             condition,
@@ -727,7 +726,7 @@ def _train_and_evaluate(
         donate_argnums=(0,),
     )
     eval_fn = jax.jit(
-        tstep.make_eval_step(model, model_config.model_type, condition, config.train.loss_chunk),
+        tstep.make_eval_step(model, family, condition, config.train.loss_chunk),
         in_shardings=(shardings.params, batch_shardings),
         out_shardings=shd.replicated(mesh),
     )
@@ -765,7 +764,7 @@ def _train_and_evaluate(
                 _activation_rules(config, mesh, loaded),
                 lambda: jax.eval_shape(
                     lambda p, b: tstep.loss_sums(
-                        model, model_config.model_type, p, b, condition, config.train.loss_chunk
+                        model, family, p, b, condition, config.train.loss_chunk
                     ),
                     abstract.params,
                     _abstract_batch(keys, config.train.batch_size // config.train.grad_accum),

@@ -1,10 +1,9 @@
 """The loss and the jitted, sharded train and eval steps.
 
 The loss is the mean cross-entropy over completion tokens (``loss_mask``) of the whole
-global batch. Masks are never shipped: the step builds them from the batch's per-token
-positions, segments and gist spans with ``gist_jax.gist`` (decoder-only:
-``decoder_self_mask``; T5: ``encoder_self_mask``, a causal ``decoder_self_mask`` without
-gist span, and ``cross_mask``), so one code path covers padded and packed batches.
+global batch. Masks are never shipped: the model family (``gist_jax.models.family``)
+builds them inside the step from the batch's per-token positions, segments and gist spans
+with ``gist_jax.gist``, so one code path covers padded and packed batches.
 
 A step whose loss, gradient norm or learning rate is not finite (a learning rate that
 overflows float32 would make every parameter non-finite) is not applied: the update is
@@ -38,110 +37,15 @@ import numpy as np
 import optax
 
 from gist_jax import freezing, gist, output_loss
-from gist_jax.models import llama
+from gist_jax.models.family import Family
 from gist_jax.train_state import TrainState
 
 Batch = Mapping[str, jax.Array]
 
-DECODER_KEYS = (
-    "input_ids",
-    "positions",
-    "segment_ids",
-    "targets",
-    "loss_mask",
-    "gist_first",
-    "gist_last",
-)
-ENCDEC_KEYS = (
-    "encoder_input_ids",
-    "encoder_positions",
-    "encoder_segment_ids",
-    "encoder_gist_first",
-    "encoder_gist_last",
-    "decoder_input_ids",
-    "decoder_positions",
-    "decoder_segment_ids",
-    "decoder_gist_first",
-    "decoder_gist_last",
-    "targets",
-    "loss_mask",
-)
-
-
-def batch_keys(model_type: str) -> tuple[str, ...]:
-    """The arrays a batch for this model family must have."""
-    return ENCDEC_KEYS if model_type == "t5" else DECODER_KEYS
-
-
-def _decoder_mask(batch: Batch, condition: str) -> jax.Array:
-    pos, seg = batch["positions"], batch["segment_ids"]
-    return gist.decoder_self_mask(
-        pos, pos, batch["gist_first"], batch["gist_last"], condition, seg, seg
-    )
-
-
-def decoder_logits(model: nn.Module, params: Any, batch: Batch, condition: str) -> jax.Array:
-    """Logits ``float32[B, L, V]`` of a decoder-only model under the gist mask."""
-    mask = _decoder_mask(batch, condition)
-    logits, _ = model.apply({"params": params}, batch["input_ids"], batch["positions"], mask)
-    return logits
-
-
-def decoder_loss_sum(
-    model: nn.Module, params: Any, batch: Batch, condition: str, loss_chunk: int
-) -> jax.Array:
-    """Summed cross-entropy over ``loss_mask`` of a decoder-only model, with the output
-    layer run only on chunks that hold loss positions (``gist_jax.output_loss``)."""
-    mask = _decoder_mask(batch, condition)
-    hidden, _ = model.apply(
-        {"params": params}, batch["input_ids"], batch["positions"], mask, return_hidden=True
-    )
-    kernel = llama.output_kernel(params, model.config)
-    return output_loss.chunked_cross_entropy(
-        hidden, kernel, batch["targets"], batch["loss_mask"], loss_chunk
-    )
-
-
-def encdec_logits(model: nn.Module, params: Any, batch: Batch, condition: str) -> jax.Array:
-    """Decoder logits ``float32[B, Lt, V]`` of an encoder-decoder model under the gist masks."""
-    enc_pos, enc_seg = batch["encoder_positions"], batch["encoder_segment_ids"]
-    dec_pos, dec_seg = batch["decoder_positions"], batch["decoder_segment_ids"]
-    enc_mask = gist.encoder_self_mask(
-        enc_pos,
-        enc_pos,
-        batch["encoder_gist_first"],
-        batch["encoder_gist_last"],
-        condition,
-        enc_seg,
-        enc_seg,
-    )
-    # The decoder sees no gist tokens of its own: causal + padding + same segment.
-    no_gist = jnp.full(dec_pos.shape[:1], gist.NO_GIST, jnp.int32)
-    self_mask = gist.decoder_self_mask(dec_pos, dec_pos, no_gist, no_gist, "gist", dec_seg, dec_seg)
-    cross = gist.cross_mask(
-        enc_pos,
-        batch["decoder_gist_first"],
-        batch["decoder_gist_last"],
-        condition,
-        dec_seg,
-        enc_seg,
-    )
-    logits, _ = model.apply(
-        {"params": params},
-        batch["encoder_input_ids"],
-        enc_pos,
-        enc_mask,
-        batch["decoder_input_ids"],
-        dec_pos,
-        self_mask,
-        cross,
-    )
-    return logits
-
 
 def loss_sums(
     model: nn.Module,
-    model_type: str,
+    family: Family,
     params: Any,
     batch: Batch,
     condition: str,
@@ -149,22 +53,20 @@ def loss_sums(
 ) -> tuple[jax.Array, jax.Array]:
     """``(sum of token cross-entropies over loss_mask, number of loss tokens)``.
 
-    ``loss_chunk`` > 0 (decoder-only models): logits only for chunks of that many positions
-    per row that hold loss tokens, see ``gist_jax.output_loss``; 0: all logits at once."""
+    ``loss_chunk`` > 0 (families with ``chunked_output``): the output layer runs only on
+    chunks of that many positions per row that hold loss tokens, see
+    ``gist_jax.output_loss``; 0: all logits at once."""
     weights = batch["loss_mask"].astype(jnp.float32)
-    if loss_chunk > 0 and model_type != "t5":
-        return decoder_loss_sum(model, params, batch, condition, loss_chunk), jnp.sum(weights)
-    logits_fn = encdec_logits if model_type == "t5" else decoder_logits
-    logits = logits_fn(model, params, batch, condition)
+    if loss_chunk > 0 and family.chunked_output:
+        hidden = family.hidden(model, params, batch, condition)
+        kernel = family.output_kernel(params, model.config)
+        total = output_loss.chunked_cross_entropy(
+            hidden, kernel, batch["targets"], batch["loss_mask"], loss_chunk
+        )
+        return total, jnp.sum(weights)
+    logits = family.logits(model, params, batch, condition)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(ce * weights), jnp.sum(weights)
-
-
-def count_tokens(model_type: str, batch: Batch) -> jax.Array:
-    """Non-padding tokens in a batch (encoder + decoder for T5), for tokens/s."""
-    if model_type == "t5":
-        return jnp.sum(batch["encoder_positions"] >= 0) + jnp.sum(batch["decoder_positions"] >= 0)
-    return jnp.sum(batch["positions"] >= 0)
 
 
 def _split_micro(batch: Batch, grad_accum: int) -> Batch:
@@ -220,6 +122,7 @@ def distill_weights(batch: Batch, positions: str) -> jax.Array:
 
 def distill_sums(
     model: nn.Module,
+    family: Family,
     params: Any,
     teacher_params: Any,
     batch: Batch,
@@ -228,23 +131,16 @@ def distill_sums(
     loss_chunk: int,
 ) -> tuple[jax.Array, jax.Array]:
     """``(summed LM cross-entropy over loss_mask, summed KL over the distilled positions)``
-    of a decoder-only model: one student pass under ``condition``, one teacher pass
-    (no gradient) under ``objective.teacher_condition``."""
+    of a family with ``chunked_output``: one student pass under ``condition``, one teacher
+    pass (no gradient) under ``objective.teacher_condition``."""
     length = batch["input_ids"].shape[1]
     chunk = loss_chunk if loss_chunk > 0 else length
-
-    def hidden_of(p: Any, cond: str) -> jax.Array:
-        mask = _decoder_mask(batch, cond)
-        hidden, _ = model.apply(
-            {"params": p}, batch["input_ids"], batch["positions"], mask, return_hidden=True
-        )
-        return hidden
-
-    student = hidden_of(params, condition)
-    kernel = llama.output_kernel(params, model.config)
+    student = family.hidden(model, params, batch, condition)
+    kernel = family.output_kernel(params, model.config)
     teacher_params = jax.lax.stop_gradient(teacher_params)
-    teacher = jax.lax.stop_gradient(hidden_of(teacher_params, objective.teacher_condition))
-    teacher_kernel = llama.output_kernel(teacher_params, model.config)
+    teacher = family.hidden(model, teacher_params, batch, objective.teacher_condition)
+    teacher = jax.lax.stop_gradient(teacher)
+    teacher_kernel = family.output_kernel(teacher_params, model.config)
     lm = jnp.zeros((), jnp.float32)
     if objective.distill_weight < 1:
         lm = output_loss.chunked_cross_entropy(
@@ -264,7 +160,7 @@ def distill_sums(
 
 def make_train_step(
     model: nn.Module,
-    model_type: str,
+    family: Family,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     condition: str,
@@ -290,7 +186,7 @@ def make_train_step(
     ``(state, batch, teacher_params)``, the teacher's params sharded like the student's and
     never part of the state (so never in a checkpoint)."""
     poisoned = np.asarray(sorted(inject_nonfinite_steps), np.int32)
-    if objective.distills and model_type == "t5":
+    if objective.distills and not family.chunked_output:
         raise ValueError("distillation is implemented for decoder-only models")
     w = objective.distill_weight
 
@@ -310,12 +206,12 @@ def make_train_step(
                 # A "self" teacher is the student's own params (stop_gradient inside).
                 teacher_params = full if teacher is None else teacher
                 lm, kl = distill_sums(
-                    model, full, teacher_params, micro, condition, objective, loss_chunk
+                    model, family, full, teacher_params, micro, condition, objective, loss_chunk
                 )
                 lm, kl = lm / denom, kl / kl_denom
                 total = (1 - w) * lm + w * kl
             else:
-                total, _ = loss_sums(model, model_type, full, micro, condition, loss_chunk)
+                total, _ = loss_sums(model, family, full, micro, condition, loss_chunk)
                 total = lm = total / denom
                 kl = jnp.zeros((), jnp.float32)
             if inject_nonfinite_steps:
@@ -371,7 +267,7 @@ def make_train_step(
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": lr,
-            "tokens": count_tokens(model_type, batch),
+            "tokens": family.count_tokens(batch),
             "loss_tokens": count,
             "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
@@ -384,12 +280,12 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module, model_type: str, condition: str, loss_chunk: int = 0
+    model: nn.Module, family: Family, condition: str, loss_chunk: int = 0
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """``(params, batch) -> {"loss_sum", "loss_tokens"}`` for validation loss."""
 
     def step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        total, count = loss_sums(model, model_type, params, batch, condition, loss_chunk)
+        total, count = loss_sums(model, family, params, batch, condition, loss_chunk)
         return {"loss_sum": total, "loss_tokens": count}
 
     return step

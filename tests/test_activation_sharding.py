@@ -12,6 +12,7 @@ import pytest
 from gist_jax import gist
 from gist_jax import sharding as shd
 from gist_jax.models import llama, t5
+from gist_jax.models.family import LLAMA, T5
 
 
 def _mesh() -> jax.sharding.Mesh:
@@ -38,7 +39,7 @@ def test_llama_runs_under_activation_rules():
         num_key_value_heads=2,
         head_dim=8,
     )
-    params = llama.init_params(cfg, jax.random.key(0))
+    params = LLAMA.init_params(cfg, jax.random.key(0))
     ids = np.random.default_rng(0).integers(0, 64, (2, 8)).astype(np.int32)
     pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
     no_gist = np.full((2,), -1, np.int32)
@@ -66,7 +67,7 @@ def test_t5_runs_under_activation_rules(variant):
         feed_forward_proj="relu" if variant == "v1_0" else "gated-gelu",
         tie_word_embeddings=variant == "v1_0",
     )
-    params = t5.init_params(cfg, jax.random.key(0))
+    params = T5.init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     src = rng.integers(1, 64, (2, 8)).astype(np.int32)
     tgt = rng.integers(1, 64, (2, 4)).astype(np.int32)

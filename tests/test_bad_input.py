@@ -292,22 +292,22 @@ def test_killed_exports_never_look_complete(converted, tmp_path):
     # The training run's final export (checkpoint.export_model) replacing an earlier
     # export, killed after the new params were saved: the old export stays complete.
     from gist_jax import checkpoint
-    from gist_jax.models import registry
+    from gist_jax.convert import loading
 
     export = tmp_path / "export"
-    config, params, tokenizer = registry.load_checkpoint(converted)
+    config, params, tokenizer = loading.load_checkpoint(converted)
     checkpoint.export_model(export, params, config.to_dict(), tokenizer)
     (export / "written_first").write_text("the earlier export")  # tells the two apart
     before = sorted(str(p.relative_to(export)) for p in export.rglob("*"))
     call = "\n".join(
         [
             "from gist_jax import checkpoint",
-            "from gist_jax.models import registry",
-            f"config, params, tokenizer = registry.load_checkpoint({str(converted)!r})",
+            "from gist_jax.convert import loading",
+            f"config, params, tokenizer = loading.load_checkpoint({str(converted)!r})",
             f"checkpoint.export_model({str(export)!r}, params, config.to_dict(), tokenizer)",
         ]
     )
     result = _killed("save_params", call)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert sorted(str(p.relative_to(export)) for p in export.rglob("*")) == before
-    registry.load_checkpoint(export)
+    loading.load_checkpoint(export)

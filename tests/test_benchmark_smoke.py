@@ -1,4 +1,4 @@
-"""Smoke test of ``gist_jax.benchmark``: every measurement runs end to end on a tiny random
+"""Smoke test of ``benchmarks``: every measurement runs end to end on a tiny random
 model with one repetition, writes its JSON (and the scaling plot), and the numbers are
 sane: the two train steps start from the same loss, both decoders emit the requested
 tokens, gist caching runs fewer tokens than no caching, and packing beats padding; the
@@ -12,7 +12,7 @@ import pathlib
 
 import pytest
 
-from gist_jax.benchmark.__main__ import MEASUREMENTS, BenchOptions, run_benchmarks
+from benchmarks.__main__ import MEASUREMENTS, BenchOptions, run_benchmarks
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_profile_attributes_time_to_model_ops(tmp_path: pathlib.Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "gist_jax.benchmark.profile",
+        "benchmarks.profile",
         "--what=train",
         "--model=tiny",
         "--batch=2",

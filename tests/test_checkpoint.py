@@ -103,10 +103,10 @@ def test_restored_arrays_equal_saved_and_use_the_new_shardings(runs):
     _, stopped = runs
     config = _config()
     loaded = train.load_model(config)
-    module, model_config = loaded.module, loaded.config
-    axes = module.param_logical_axes(model_config)
+    family, model_config = loaded.family, loaded.config
+    axes = family.param_axes(model_config)
     optimizer = optim.make_optimizer(optim.make_schedule(1e-3, STEPS), axes)
-    abstract = ts.abstract_state(module.abstract_params(model_config), optimizer)
+    abstract = ts.abstract_state(family.abstract_params(model_config), optimizer)
 
     def restore(spec, n):
         mesh = shd.make_mesh(spec, jax.devices()[:n])

@@ -18,11 +18,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from gist_jax import gist
-from gist_jax.convert import common
+from gist_jax.convert import common, loading
 from gist_jax.convert.common import ConversionError
 from gist_jax.convert.from_hf import convert_from_hf
 from gist_jax.convert.to_hf import convert_to_hf
-from gist_jax.models import llama, registry
+from gist_jax.models import llama
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_round_trip_logits(converted, name):
 
     entry = converted[name]
     model = entry["model"]
-    config, params, tokenizer = registry.load_checkpoint(entry["ckpt"])
+    config, params, tokenizer = loading.load_checkpoint(entry["ckpt"])
     assert config.scan_layers == (name == "gqa_tied_llama3")
     assert config.vocab_size == fx.VOCAB + 1 and config.gist_token_id == fx.VOCAB
     assert tokenizer.convert_tokens_to_ids(common.GIST_TOKEN) == fx.VOCAB
@@ -116,14 +116,14 @@ def test_reimporting_an_export_keeps_trained_gist_rows(converted, tmp_path):
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         tensors[name][fx.VOCAB] = rng.normal(size=tensors[name].shape[1])  # "trained" row
     save_file(tensors, str(hf_dir / "model.safetensors"))
-    config, params, tokenizer = registry.load_checkpoint(convert_from_hf(hf_dir, tmp_path / "ck"))
+    config, params, tokenizer = loading.load_checkpoint(convert_from_hf(hf_dir, tmp_path / "ck"))
     assert config.vocab_size == fx.VOCAB + 1 and config.gist_token_id == fx.VOCAB
     assert len(tokenizer) == fx.VOCAB + 1
     np.testing.assert_array_equal(
         params["embed_tokens"]["embedding"], tensors["model.embed_tokens.weight"]
     )
     np.testing.assert_array_equal(params["lm_head"]["kernel"], tensors["lm_head.weight"].T)
-    _, original, _ = registry.load_checkpoint(entry["ckpt"])
+    _, original, _ = loading.load_checkpoint(entry["ckpt"])
     for path, x in jax.tree_util.tree_flatten_with_path(original)[0]:
         if "embed_tokens" not in str(path) and "lm_head" not in str(path):
             y = params
@@ -140,14 +140,14 @@ def test_sharded_safetensors_and_stacking(converted, tmp_path):
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(list(sharded.glob("*.safetensors"))) > 1
     ckpt = convert_from_hf(sharded, tmp_path / "ckpt", scan_layers=True)
-    config, params, _ = registry.load_checkpoint(ckpt)
+    config, params, _ = loading.load_checkpoint(ckpt)
     assert config.scan_layers and params["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == 2
-    _, reference, _ = registry.load_checkpoint(entry["ckpt"])
+    _, reference, _ = loading.load_checkpoint(entry["ckpt"])
     restacked = llama.stack_layers(reference, config.num_hidden_layers)
     for x, y in zip(jax.tree.leaves(restacked), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # load_checkpoint can hand back the other layout on request.
-    config_u, params_u, _ = registry.load_checkpoint(ckpt, scan_layers=False)
+    config_u, params_u, _ = loading.load_checkpoint(ckpt, scan_layers=False)
     assert not config_u.scan_layers and "layers_1" in params_u
     # Export sharded too; transformers reads the index and gets the same weights.
     from transformers import AutoModelForCausalLM
@@ -169,7 +169,7 @@ def test_padded_embedding_reuses_a_row(tmp_path):
     model.save_pretrained(str(hf_dir), safe_serialization=True)
     tokenizer = fx.make_tokenizer(vocab_size=90)
     tokenizer.save_pretrained(str(hf_dir))
-    config, params, tok = registry.load_checkpoint(convert_from_hf(hf_dir, tmp_path / "ckpt"))
+    config, params, tok = loading.load_checkpoint(convert_from_hf(hf_dir, tmp_path / "ckpt"))
     assert config.vocab_size == fx.VOCAB and config.gist_token_id == 90
     assert tok.convert_tokens_to_ids(common.GIST_TOKEN) == 90
     emb = np.asarray(params["embed_tokens"]["embedding"])

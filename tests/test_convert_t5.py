@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from gist_jax import gist
-from gist_jax.convert import common, from_hf, to_hf
+from gist_jax.convert import common, from_hf, loading, to_hf
 from gist_jax.convert import t5 as convert_t5
 from gist_jax.convert.common import ConversionError
-from gist_jax.models import registry, t5
+from gist_jax.models.family import T5
 
 TOKENIZER_VOCAB = 80  # sentencepiece pieces; the tokenizer has no sentinel ids
 
@@ -71,7 +71,7 @@ def test_names_and_lossless_round_trip(variant):
     for scan in (False, True):
         cfg = dataclasses.replace(config, scan_layers=scan)
         params = convert_t5.params_from_hf(sd, cfg)
-        common.check_params_match(params, t5.abstract_params(cfg), "test")
+        common.check_params_match(params, T5.abstract_params(cfg), "test")
         back = convert_t5.params_to_hf(params, cfg)
         assert set(back) == set(sd) - aliases
         for name, value in back.items():
@@ -95,7 +95,7 @@ def test_export_reloads_in_transformers(variant, tmp_path):
     config = dataclasses.replace(
         base, initializer_factor=1.5, gist_token_id=fx.GIST_ID, scan_layers=variant == "v1_1"
     )
-    params = jax.tree.map(np.asarray, t5.init_params(config, jax.random.key(3)))
+    params = jax.tree.map(np.asarray, T5.init_params(config, jax.random.key(3)))
     if variant == "v1_1":
         # HF's init gives the untied head std 1 per entry (here 1.5): logits near +-10
         # would turn float32 rounding into 1e-5-sized differences. Keep them O(1).
@@ -156,7 +156,7 @@ def test_from_hf_to_hf_pipeline(variant, vocab_size, tmp_path):
 
     hf, hf_dir = _hf_dir_with_tokenizer(variant, vocab_size, tmp_path)
     ckpt = from_hf.convert_from_hf(hf_dir, tmp_path / "ckpt", scan_layers=variant == "v1_1")
-    config, params, tok = registry.load_checkpoint(ckpt)
+    config, params, tok = loading.load_checkpoint(ckpt)
     gist_id = TOKENIZER_VOCAB
     assert config.gist_token_id == gist_id == tok.convert_tokens_to_ids(common.GIST_TOKEN)
     assert config.vocab_size == (fx.VOCAB if variant == "v1_0" else TOKENIZER_VOCAB + 1)

@@ -1,6 +1,6 @@
 """Crash safety of training.
 
-With real processes and real signals (``scripts/soak_crash.py``, a short fixed plan): a run
+With real processes and real signals (``benchmarks/probes/soak_crash.py``, a short fixed plan): a run
 killed with SIGKILL at random moments (during start-up, mid-step, while an asynchronous
 checkpoint is being written, while the final export is being written) and preempted once
 with SIGTERM, restarted with the same command each time, resumes every time from the newest
@@ -16,28 +16,16 @@ the last good checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 
 import jax
 import numpy as np
 import pytest
-from train_fixtures import REPO, quick_config, step_losses
+from train_fixtures import quick_config, step_losses
 
+from benchmarks.probes import soak_crash as soak
 from gist_jax import train
 from gist_jax.train_logging import read_metrics
-
-
-def _load_soak():
-    spec = importlib.util.spec_from_file_location("soak_crash", REPO / "scripts" / "soak_crash.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak_crash"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load_soak()
 
 # Five SIGKILLs (two of them aimed at checkpoint writes, one at the export), one SIGTERM.
 PLAN = ("kill_startup", "kill_save", "kill_step", "kill_save", "sigterm", "kill_export", "finish")

@@ -16,8 +16,8 @@ import pytest
 
 from gist_jax import decode, sharding
 from gist_jax.convert import llama as convert_llama
+from gist_jax.convert import loading
 from gist_jax.decode import SamplingConfig
-from gist_jax.models import registry
 
 MAX_NEW = 12
 
@@ -31,7 +31,7 @@ def smollm2():
     from gist_jax.convert.default_model import ensure_default_model
 
     hf_dir, ckpt_dir = ensure_default_model(progress=False)
-    config, params, tokenizer = registry.load_checkpoint(ckpt_dir)
+    config, params, tokenizer = loading.load_checkpoint(ckpt_dir)
     return hf_dir, config, params, tokenizer
 
 

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from gist_jax import gist
-from gist_jax.convert import common, default_model
+from gist_jax.convert import common, default_model, loading
 from gist_jax.convert import gguf as gguf_io
 from gist_jax.convert.to_hf import convert_to_hf
-from gist_jax.models import llama, registry
+from gist_jax.models import llama
 from gist_jax.models.attention import KVCache
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def hf_model(smollm):
 
 @pytest.fixture(scope="session")
 def jax_model(smollm):
-    config, params, tokenizer = registry.load_checkpoint(smollm["ckpt_dir"])
+    config, params, tokenizer = loading.load_checkpoint(smollm["ckpt_dir"])
     params = jax.device_put(params)  # restored as host numpy; move once, not per call
     fn = jax.jit(
         lambda p, i, pos, m, c: llama.build_model(config).apply({"params": p}, i, pos, m, c)
@@ -349,7 +349,7 @@ def test_tiny_gguf_converts_without_torch(tmp_path):
     assert ids == tok_ref(text).input_ids
     assert tokens.index("Ġthe") in ids and tokens.index("Ġcat") in ids
 
-    config_j, params, _ = registry.load_checkpoint(ckpt_dir)
+    config_j, params, _ = loading.load_checkpoint(ckpt_dir)
     assert config_j.scan_layers and config_j.gist_token_id == len(tokens)
     batch = np.asarray([ids], np.int32)
     positions = np.arange(len(ids), dtype=np.int32)[None]

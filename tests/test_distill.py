@@ -17,14 +17,15 @@ from train_fixtures import quick_config, step_losses
 from gist_jax import data, optim, output_loss, teacher, tiny_tokenizer, train, train_config
 from gist_jax import train_state as ts
 from gist_jax import train_step as tstep
+from gist_jax.models.family import LLAMA
 
 
 @pytest.fixture(scope="module")
 def tiny():
     config = quick_config("tiny_llama")
     loaded = train.load_model(config)
-    model = loaded.module.build_model(loaded.config)
-    init = jax.jit(loaded.module.init_params, static_argnums=0)
+    model = loaded.family.build(loaded.config)
+    init = jax.jit(loaded.family.init_params, static_argnums=0)
     student = init(loaded.config, jax.random.key(1))
     other = init(loaded.config, jax.random.key(2))
     tokenizer = tiny_tokenizer.synthetic_bpe(512)
@@ -33,15 +34,15 @@ def tiny():
     # Packed: several examples per row, so the KL must stay inside each example.
     rows = [encoded[i : i + 2] for i in range(0, 12, 2)]
     batch = data.collate_decoder(rows, 128, tokenizer.pad_token_id)
-    batch = {k: jnp.asarray(batch[k]) for k in tstep.batch_keys("llama")}
+    batch = {k: jnp.asarray(batch[k]) for k in LLAMA.batch_keys}
     return model, loaded, student, other, batch
 
 
 def _numpy_kl(model, student, teacher_params, batch, weights, temperature):
     """sum over weighted positions of KL(teacher || student), from full logits in numpy."""
-    s = np.asarray(tstep.decoder_logits(model, student, batch, "gist"), np.float64) / temperature
+    s = np.asarray(LLAMA.logits(model, student, batch, "gist"), np.float64) / temperature
     t = (
-        np.asarray(tstep.decoder_logits(model, teacher_params, batch, "pos_control"), np.float64)
+        np.asarray(LLAMA.logits(model, teacher_params, batch, "pos_control"), np.float64)
         / temperature
     )
     log_s = (
@@ -66,16 +67,19 @@ def test_kl_equals_numpy_kl(tiny, positions, temperature, chunk):
     objective = tstep.Objective(
         distill_weight=0.5, teacher="frozen", temperature=temperature, positions=positions
     )
-    lm, kl = tstep.distill_sums(model, student, other, batch, "gist", objective, chunk)
+    lm, kl = tstep.distill_sums(model, LLAMA, student, other, batch, "gist", objective, chunk)
     weights = tstep.distill_weights(batch, positions)
     want = _numpy_kl(model, student, other, batch, weights, temperature)
     assert float(kl) == pytest.approx(want, rel=1e-4)
     assert want > 1.0  # two different random models: the test can fail
     # LM part: the plain summed cross-entropy of the student (not computed for w = 1).
-    want_lm, _ = tstep.loss_sums(model, "llama", student, batch, "gist", 0)
+    want_lm, _ = tstep.loss_sums(model, LLAMA, student, batch, "gist", 0)
     assert float(lm) == pytest.approx(float(want_lm), rel=1e-5)
     only_kl = tstep.Objective(distill_weight=1.0, temperature=temperature, positions=positions)
-    assert float(tstep.distill_sums(model, student, other, batch, "gist", only_kl, chunk)[0]) == 0
+    assert (
+        float(tstep.distill_sums(model, LLAMA, student, other, batch, "gist", only_kl, chunk)[0])
+        == 0
+    )
 
 
 def test_after_gist_weights_cover_the_input_and_completion_only(tiny):
@@ -93,7 +97,7 @@ def test_no_gradient_reaches_the_teacher(tiny):
     objective = tstep.Objective(distill_weight=1.0, teacher="frozen")
 
     def kl_of(s, t):
-        return tstep.distill_sums(model, s, t, batch, "gist", objective, 8)[1]
+        return tstep.distill_sums(model, LLAMA, s, t, batch, "gist", objective, 8)[1]
 
     g_student, g_teacher = jax.grad(kl_of, argnums=(0, 1))(student, other)
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g_teacher))
@@ -105,14 +109,16 @@ def test_student_equal_to_teacher_under_the_same_mask_has_zero_loss_and_gradient
     objective = tstep.Objective(distill_weight=1.0, teacher="self", teacher_condition="gist")
 
     def kl_of(s):
-        return tstep.distill_sums(model, s, s, batch, "gist", objective, 8)[1]
+        return tstep.distill_sums(model, LLAMA, s, s, batch, "gist", objective, 8)[1]
 
     value, grads = jax.value_and_grad(kl_of)(student)
     assert abs(float(value)) < 1e-4
     assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(grads)) < 1e-6
     # Under the gist mask against the full-prompt teacher it is not zero.
     full = tstep.Objective(distill_weight=1.0, teacher="self")
-    assert float(tstep.distill_sums(model, student, student, batch, "gist", full, 8)[1]) > 1e-3
+    assert (
+        float(tstep.distill_sums(model, LLAMA, student, student, batch, "gist", full, 8)[1]) > 1e-3
+    )
 
 
 def _state(params, optimizer):
@@ -126,7 +132,7 @@ def _state(params, optimizer):
 
 def test_train_step_mixes_lm_and_kl_and_accumulates(tiny):
     model, loaded, student, other, batch = tiny
-    axes = loaded.module.param_logical_axes(loaded.config)
+    axes = loaded.family.param_axes(loaded.config)
     schedule = optim.make_schedule(1e-3, 10, "constant")
     # A large eps makes Adam's first update ~lr * g rather than lr * sign(g), which float
     # noise in a near-zero g could flip between the two summation orders.
@@ -137,7 +143,7 @@ def test_train_step_mixes_lm_and_kl_and_accumulates(tiny):
         step = jax.jit(
             tstep.make_train_step(
                 model,
-                "llama",
+                LLAMA,
                 optimizer,
                 schedule,
                 "gist",
@@ -149,7 +155,7 @@ def test_train_step_mixes_lm_and_kl_and_accumulates(tiny):
         new_state, metrics = step(_state(student, optimizer), batch, other)
         results.append((new_state, metrics))
     (one, m1), (two, m2) = results
-    lm_sum, kl_sum = tstep.distill_sums(model, student, other, batch, "gist", objective, 8)
+    lm_sum, kl_sum = tstep.distill_sums(model, LLAMA, student, other, batch, "gist", objective, 8)
     lm = float(lm_sum) / float(jnp.sum(batch["loss_mask"]))
     kl = float(kl_sum) / float(jnp.sum(tstep.distill_weights(batch, "after_gist")))
     assert float(m1["lm_loss"]) == pytest.approx(lm, rel=1e-5)
@@ -161,7 +167,7 @@ def test_train_step_mixes_lm_and_kl_and_accumulates(tiny):
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # A frozen-teacher step without the teacher is an error, not a silent self-teacher.
-    plain = tstep.make_train_step(model, "llama", optimizer, schedule, "gist", objective=objective)
+    plain = tstep.make_train_step(model, LLAMA, optimizer, schedule, "gist", objective=objective)
     with pytest.raises(ValueError, match="teacher's params"):
         plain(_state(student, optimizer), batch)
 

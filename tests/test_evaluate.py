@@ -35,7 +35,7 @@ def _config(name: str):
 def tiny_llama():
     config = _config("tiny_llama")
     loaded = train.load_model(config)
-    params = loaded.module.init_params(loaded.config, jax.random.key(0))
+    params = loaded.family.init_params(loaded.config, jax.random.key(0))
     return config, loaded, params
 
 
@@ -122,7 +122,7 @@ def test_gist_condition_decodes_through_compression(tiny_llama, llama_eval):
 def test_t5_evaluate(tmp_path):
     config = _config("tiny_t5")
     loaded = train.load_model(config)
-    params = loaded.module.init_params(loaded.config, jax.random.key(0))
+    params = loaded.family.init_params(loaded.config, jax.random.key(0))
     splits = evaluate.load_splits(config, ["validation_unseen"], 4)
     settings = evaluate.settings_from_config(config)
     assert settings["max_new_tokens"] == config.data.max_target_length

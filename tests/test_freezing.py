@@ -18,6 +18,7 @@ from gist_jax import checkpoint as ckpt_lib
 from gist_jax import data, freezing, optim, tiny_tokenizer, train, train_config
 from gist_jax import train_state as ts
 from gist_jax import train_step as tstep
+from gist_jax.models.family import LLAMA
 
 LLAMA_MODULES = ("embed_tokens", "layers_0", "layers_1", "layers_2", "norm", "lm_head")
 
@@ -37,14 +38,14 @@ def test_frozen_modules_are_the_embedding_and_the_lowest_layers():
 def tiny_setup():
     config = quick_config("tiny_llama", model__init__num_hidden_layers=3)
     loaded = train.load_model(config)
-    model = loaded.module.build_model(loaded.config)
-    params = jax.jit(loaded.module.init_params, static_argnums=0)(loaded.config, jax.random.key(2))
+    model = loaded.family.build(loaded.config)
+    params = jax.jit(loaded.family.init_params, static_argnums=0)(loaded.config, jax.random.key(2))
     tokenizer = tiny_tokenizer.synthetic_bpe(512)
     examples, _ = data.load_examples("synthetic", "validation_seen", num_examples=8, seed=1)
     encoded, _ = data.encode_decoder_examples(examples, tokenizer, 1, 64)
     batch = data.collate_decoder([[ex] for ex in encoded], 64, tokenizer.pad_token_id)
-    batch = {k: jnp.asarray(batch[k]) for k in tstep.batch_keys("llama")}
-    axes = loaded.module.param_logical_axes(loaded.config)
+    batch = {k: jnp.asarray(batch[k]) for k in LLAMA.batch_keys}
+    axes = loaded.family.param_axes(loaded.config)
     return model, params, batch, axes
 
 
@@ -62,9 +63,7 @@ def _one_step(model, params, batch, axes, frozen):
         opt_state=optimizer.init(params),
         rng=jax.random.key_data(jax.random.key(0)),
     )
-    step = jax.jit(
-        tstep.make_train_step(model, "llama", optimizer, schedule, "gist", frozen=frozen)
-    )
+    step = jax.jit(tstep.make_train_step(model, LLAMA, optimizer, schedule, "gist", frozen=frozen))
     new_state, metrics = step(state, batch)
     return new_state, metrics
 

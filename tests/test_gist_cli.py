@@ -16,6 +16,7 @@ from gist_jax.cli import gist_compress, gist_generate
 from gist_jax.cli import prompts as prompts_lib
 from gist_jax.convert import common
 from gist_jax.models import llama
+from gist_jax.models.family import LLAMA
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 INSTRUCTIONS = ["Reverse the order of the words.", "Give the number of items in the list."]
@@ -41,7 +42,7 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
         pad_token_id=tokenizer.pad_token_id,
         gist_token_id=common.gist_token_id_of(tokenizer),
     )
-    params = llama.init_params(config, jax.random.key(0))
+    params = LLAMA.init_params(config, jax.random.key(0))
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     common.save_converted(out, params, config.to_dict(), tokenizer)
     return out

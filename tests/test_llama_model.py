@@ -15,8 +15,9 @@ import pytest
 
 from gist_jax import gist
 from gist_jax.convert import llama as convert_llama
-from gist_jax.models import llama, registry
+from gist_jax.models import llama
 from gist_jax.models.attention import KVCache, dot_product_attention, heads_major_attention
+from gist_jax.models.family import LLAMA, config_from_dict
 
 CONFIG_NAMES = list(fx.TINY_CONFIGS)
 
@@ -250,14 +251,14 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(models, batch):
     err = np.abs(np.asarray(out)[valid] - np.asarray(ref)[valid]).max()
     scale = np.abs(np.asarray(ref)[valid]).max()
     assert err < 0.1 * scale, (err, scale)
-    init = llama.abstract_params(bf16)
+    init = LLAMA.abstract_params(bf16)
     assert {x.dtype for x in jax.tree.leaves(init)} == {jnp.dtype(jnp.float32)}
 
 
 def test_config_round_trips_and_hf_rope_spellings(models):
     for _, config, _ in models.values():
         assert llama.LlamaConfig.from_dict(config.to_dict()) == config
-        assert registry.config_from_dict(config.to_dict()) == config
+        assert config_from_dict(config.to_dict()) == config
         assert llama.LlamaConfig.from_hf_config(config.to_hf_config()) == config
     _, config, _ = models["gqa_tied_llama3"]
     assert config.rope_type == "llama3" and config.rope_theta == 500000.0
@@ -294,8 +295,8 @@ def test_param_logical_axes_cover_every_param(models):
     for _, config, _ in models.values():
         for scan in (False, True):
             cfg = dataclasses.replace(config, scan_layers=scan)
-            shapes = llama.abstract_params(cfg)
-            axes = llama.param_logical_axes(cfg)
+            shapes = LLAMA.abstract_params(cfg)
+            axes = LLAMA.param_axes(cfg)
             flat_axes = jax.tree_util.tree_flatten_with_path(
                 axes, is_leaf=lambda x: isinstance(x, tuple)
             )[0]

@@ -16,6 +16,7 @@ from train_fixtures import quick_config
 from gist_jax import data, output_loss, tiny_tokenizer, train
 from gist_jax import train_step as tstep
 from gist_jax.models import llama
+from gist_jax.models.family import LLAMA
 
 
 def _reference(hidden, kernel, targets, weights):
@@ -98,11 +99,11 @@ def test_train_loss_with_chunks_matches_full_logits(tied):
     loaded = train.load_model(quick_config("tiny_llama"))
     config = dataclasses.replace(loaded.config, tie_word_embeddings=tied)
     model = llama.build_model(config)
-    params = llama.init_params(config, jax.random.key(2))
+    params = LLAMA.init_params(config, jax.random.key(2))
     assert ("lm_head" in params) != tied
 
     def loss(p, chunk):
-        total, count = tstep.loss_sums(model, "llama", p, batch, "gist", chunk)
+        total, count = tstep.loss_sums(model, LLAMA, p, batch, "gist", chunk)
         return total / count
 
     full, full_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, 0)

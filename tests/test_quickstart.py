@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from gist_jax import evaluate, gist, quickstart, replication, train_config
-from gist_jax.models import llama, registry
+from gist_jax.convert import loading
+from gist_jax.models import llama
 from gist_jax.train_logging import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_each_condition_is_scored_on_its_own_model(trained):
     splits = evaluate.load_splits(config)
     settings = evaluate.settings_from_config(config)
     for condition, run_dir in result.train_dirs.items():
-        model_config, params, tokenizer = registry.load_checkpoint(run_dir / "export")
+        model_config, params, tokenizer = loading.load_checkpoint(run_dir / "export")
         settings["conditions"] = (condition,)
         report = evaluate.run_evaluation(model_config, params, tokenizer, splits, **settings)
         for split in SPLITS:
@@ -125,7 +126,7 @@ def test_hf_export_reloads_with_transformers(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, _, result = trained
-    config, params, tokenizer = registry.load_checkpoint(result.train_dirs["gist"] / "export")
+    config, params, tokenizer = loading.load_checkpoint(result.train_dirs["gist"] / "export")
     hf_tok = AutoTokenizer.from_pretrained(result.export_hf)
     assert hf_tok.convert_tokens_to_ids("<GIST>") == config.gist_token_id
     model, info = AutoModelForCausalLM.from_pretrained(

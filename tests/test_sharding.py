@@ -19,6 +19,7 @@ from gist_jax import sharding as shd
 from gist_jax import train_state as ts
 from gist_jax import train_step as tstep
 from gist_jax.models import llama
+from gist_jax.models.family import LLAMA
 
 # ---------------------------------------------------------------------------------------
 # Mesh shapes
@@ -108,7 +109,7 @@ def test_activation_rules_drop_non_dividing_names():
 def test_tiny_llama_param_shardings():
     cfg = _tiny_llama()
     mesh = shd.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
-    sh = shd.tree_shardings(llama.abstract_params(cfg), llama.param_logical_axes(cfg), mesh)
+    sh = shd.tree_shardings(LLAMA.abstract_params(cfg), LLAMA.param_axes(cfg), mesh)
     assert sh["layers"]["self_attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
     assert sh["layers"]["self_attn"]["o_proj"]["kernel"].spec == P(None, "tensor", None, "fsdp")
     assert sh["layers"]["mlp"]["down_proj"]["kernel"].spec == P(None, "tensor", "fsdp")
@@ -143,12 +144,12 @@ def test_schedules():
 
 def test_weight_decay_skips_norm_scales():
     cfg = _tiny_llama()
-    axes = llama.param_logical_axes(cfg)
+    axes = LLAMA.param_axes(cfg)
     mask = optim.decay_mask(axes)
     assert mask["layers"]["input_layernorm"]["scale"] is False
     assert mask["norm"]["scale"] is False
     assert mask["layers"]["mlp"]["up_proj"]["kernel"] is True
-    params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    params = jax.jit(LLAMA.init_params, static_argnums=0)(cfg, jax.random.key(0))
     tx = optim.make_optimizer(optax.constant_schedule(0.1), axes, weight_decay=0.5, clip_norm=0)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(tx.update)(zero_grads, tx.init(params), params)
@@ -237,14 +238,14 @@ def _batch(seed: int, rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:
 def _run_steps(mesh_spec: dict[str, int], num_devices: int, grad_accum: int):
     cfg = _tiny_llama()
     mesh = shd.make_mesh(mesh_spec, jax.devices()[:num_devices])
-    axes = llama.param_logical_axes(cfg)
+    axes = LLAMA.param_axes(cfg)
     schedule = optim.make_schedule(1e-2, 10, "cosine", 0)
     tx = optim.make_optimizer(schedule, axes, weight_decay=0.1)
-    abstract = ts.abstract_state(llama.abstract_params(cfg), tx)
+    abstract = ts.abstract_state(LLAMA.abstract_params(cfg), tx)
     shardings = ts.state_shardings(abstract, axes, mesh, tx)
-    state = ts.init_state(lambda k: llama.init_params(cfg, k), tx, shardings, seed=0)
+    state = ts.init_state(lambda k: LLAMA.init_params(cfg, k), tx, shardings, seed=0)
     step = jax.jit(
-        tstep.make_train_step(llama.build_model(cfg), "llama", tx, schedule, "gist", grad_accum),
+        tstep.make_train_step(llama.build_model(cfg), LLAMA, tx, schedule, "gist", grad_accum),
         in_shardings=(shardings, shd.batch_sharding(mesh)),
         out_shardings=(shardings, shd.replicated(mesh)),
         donate_argnums=0,

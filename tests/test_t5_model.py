@@ -16,7 +16,8 @@ import pytest
 
 from gist_jax import gist
 from gist_jax.convert import t5 as convert_t5
-from gist_jax.models import registry, t5
+from gist_jax.models import t5
+from gist_jax.models.family import T5, config_from_dict, family_named
 
 # (prompt_len, gist tokens, input_len) per example: different prompt lengths, gist
 # positions and amounts of padding; the last example has no gist token at all.
@@ -372,8 +373,8 @@ def test_param_tree_and_logical_axes():
     for variant, scan in [("v1_0", False), ("v1_1", True)]:
         _, base, params = reference(variant)
         config = dataclasses.replace(base, scan_layers=scan)
-        axes = t5.param_logical_axes(config)
-        shapes = t5.abstract_params(config)
+        axes = T5.param_axes(config)
+        shapes = T5.abstract_params(config)
         assert jax.tree.structure(shapes) == jax.tree.structure(
             t5.relayout_params(params, base, scan)
         )
@@ -393,13 +394,13 @@ def test_param_tree_and_logical_axes():
             assert shapes[stack]["relpos_bias"]["embedding"].shape == (8, 4)
 
 
-def test_registry_and_config_round_trip():
+def test_family_and_config_round_trip():
     _, config, _ = reference("v1_1")
-    assert registry.model_module("t5") is t5
-    assert registry.convert_module("t5") is convert_t5
+    assert family_named("t5").module is t5
+    assert family_named("t5").conversion is convert_t5
     d = config.to_dict()
     assert d["model_type"] == "t5"
-    assert registry.config_from_dict(d) == config
+    assert config_from_dict(d) == config
     with pytest.raises(ValueError, match="unknown T5Config field"):
         t5.T5Config.from_dict({**d, "hidden_act": "relu"})
     with pytest.raises(ValueError, match="feed_forward_proj"):

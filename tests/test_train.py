@@ -18,7 +18,8 @@ from gist_jax import checkpoint as ckpt_lib
 from gist_jax import data, tiny_tokenizer, train, train_config
 from gist_jax import sharding as shd
 from gist_jax import train_step as tstep
-from gist_jax.models import registry
+from gist_jax.convert import loading
+from gist_jax.models.family import LLAMA
 
 
 def _first_last(losses: dict[int, float], n: int = 5) -> tuple[float, float]:
@@ -69,8 +70,8 @@ def test_logged_fields_and_export(llama_run):
     evals = read_metrics(workdir, "eval")
     assert evals[-1]["hook/step"] == 60 and evals[-1]["hook/params"] == 139_584
     assert "validation_seen/loss" in evals[-1]
-    # The export is a converted checkpoint directory that the registry loads.
-    model_config, params, tokenizer = registry.load_checkpoint(result.export_dir)
+    # The export is a converted checkpoint directory that convert.loading reads.
+    model_config, params, tokenizer = loading.load_checkpoint(result.export_dir)
     assert model_config.gist_token_id == tokenizer.convert_tokens_to_ids("<GIST>")
     assert model_config.hidden_size == config.model.init.hidden_size
     assert params["embed_tokens"]["embedding"].shape == (512, 64)
@@ -107,9 +108,9 @@ def test_packing_gives_the_same_loss_as_padding():
 
     config = quick_config("tiny_llama")
     loaded = train.load_model(config)
-    model = loaded.module.build_model(loaded.config)
-    params = jax.jit(loaded.module.init_params, static_argnums=0)(loaded.config, jax.random.key(1))
-    fn = jax.jit(lambda p, b: tstep.loss_sums(model, "llama", p, b, "gist"))
+    model = loaded.family.build(loaded.config)
+    params = jax.jit(loaded.family.init_params, static_argnums=0)(loaded.config, jax.random.key(1))
+    fn = jax.jit(lambda p, b: tstep.loss_sums(model, LLAMA, p, b, "gist"))
     pad_sum, pad_count = fn(params, padded)
     pack_sum, pack_count = fn(params, packed)
     assert float(pad_count) == float(pack_count) > 0

@@ -24,13 +24,13 @@ _PLACEHOLDER = "x"
 def load_model(checkpoint: str | os.PathLike) -> tuple[Any, Any, Any]:
     """``(config, params, tokenizer)`` of a converted checkpoint directory, or of the
     bundled default model when ``checkpoint == "default"``."""
-    from gist_jax.models import registry
+    from gist_jax.convert import loading
 
     if str(checkpoint) == "default":
         from gist_jax.convert.default_model import ensure_default_model
 
         _, checkpoint = ensure_default_model()
-    config, params, tokenizer = registry.load_checkpoint(pathlib.Path(checkpoint))
+    config, params, tokenizer = loading.load_checkpoint(pathlib.Path(checkpoint))
     if tokenizer is None:
         raise ValueError(f"{checkpoint}: the checkpoint has no tokenizer/ directory")
     return config, params, tokenizer
@@ -40,17 +40,11 @@ def _encode(
     config: Any, tokenizer: Any, examples: list[dict[str, str]], num_gist: int, max_length: int
 ) -> list[list[int]]:
     from gist_jax import data
+    from gist_jax.models.family import family_of
 
-    if config.model_type == "t5":
-        encoded, report = data.encode_encdec_examples(
-            examples, tokenizer, num_gist, max_length, max_target_length=1
-        )
-        rows = [e.source.tolist() for e in encoded]
-    else:
-        encoded, report = data.encode_decoder_examples(
-            examples, tokenizer, num_gist, max_length, with_completion=False
-        )
-        rows = [e.prompt.tolist() for e in encoded]
+    _, rows, report = data.encode_prompts(
+        examples, tokenizer, num_gist, max_length, family_of(config).encoder_decoder
+    )
     if report.dropped_indices:
         raise ValueError(
             f"example(s) {report.dropped_indices[:10]} do not fit in {max_length} tokens even "

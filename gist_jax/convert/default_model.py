@@ -153,7 +153,7 @@ def ensure_default_model(
         (hf_dir / STAMP_FILE).write_text(json.dumps(stamp) + "\n")
         # The tokenizer object gains <GIST> here; the HF dir above was written without it.
         # Stored scanned: 30 layers compile much faster under nn.scan; callers wanting the
-        # unrolled layout pass scan_layers=False to registry.load_checkpoint.
+        # unrolled layout pass scan_layers=False to loading.load_checkpoint.
         convert_tensors(
             hf_config,
             tensors,

@@ -2,7 +2,7 @@
 
 ``convert_from_hf`` reads ``config.json`` and the safetensors weights (sharded or not, no
 torch), maps them to params through the family's conversion module (chosen by
-``model_type`` via ``gist_jax.models.registry``), adds the ``<GIST>`` token (tokenizer entry
+``model_type`` via ``gist_jax.models.family``), adds the ``<GIST>`` token (tokenizer entry
 plus mean-initialised embedding row, and output row when untied), records its id in the
 config, and writes the checkpoint atomically. The CLI is a thin wrapper::
 
@@ -20,7 +20,16 @@ from typing import Any
 
 from gist_jax.convert import common
 from gist_jax.convert.common import ConversionError
-from gist_jax.models import registry
+from gist_jax.models.family import Family, UnsupportedModelError, family_named, family_of
+
+
+def hf_family(hf_config: dict[str, Any], source: str) -> Family:
+    """The family of an HF ``config.json`` dict; ``ConversionError`` naming ``source`` when
+    no family implements its ``model_type``."""
+    try:
+        return family_named(hf_config.get("model_type"))
+    except UnsupportedModelError as err:
+        raise ConversionError(f"{source}: {err}") from err
 
 
 def load_hf_tokenizer(hf_dir: str | os.PathLike) -> Any:
@@ -44,7 +53,7 @@ def add_gist(params: Any, config: Any, tokenizer: Any) -> tuple[Any, Any]:
     unused row at that id is re-initialised instead, if the family supports it. A tokenizer
     that already has ``<GIST>`` (a re-imported gist_jax export) keeps its id and rows.
     """
-    convert = registry.convert_module(config.model_type)
+    convert = family_of(config).conversion
     had_gist = common.GIST_TOKEN in tokenizer.get_vocab()
     gist_id = common.add_gist_token(tokenizer)
     vocab = config.vocab_size
@@ -92,7 +101,7 @@ def convert_from_hf(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     hf_config = common.read_hf_config(hf_dir)
-    registry.convert_module(hf_config.get("model_type"))  # unsupported type: fail first
+    hf_family(hf_config, str(hf_dir))  # an unsupported model_type fails before any reading
     if tokenizer is None:
         tokenizer = load_hf_tokenizer(hf_dir)
     return convert_tensors(
@@ -116,12 +125,13 @@ def convert_tensors(
     source: str = "HF tensors",
 ) -> pathlib.Path:
     """``convert_from_hf`` on an in-memory HF config dict and state dict (numpy)."""
-    convert = registry.convert_module(hf_config.get("model_type"))
+    family = hf_family(hf_config, source)
+    convert = family.conversion
     config = convert.config_from_hf(hf_config)
     config = dataclasses.replace(config, scan_layers=scan_layers)
     params = convert.params_from_hf(tensors, config)
     params, config = add_gist(params, config, tokenizer)
-    common.check_params_match(params, registry.abstract_params(config), f"converting {source}")
+    common.check_params_match(params, family.abstract_params(config), f"converting {source}")
     return common.save_converted(out_dir, params, config.to_dict(), tokenizer, overwrite=overwrite)
 
 

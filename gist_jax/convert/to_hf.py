@@ -1,6 +1,6 @@
 """gist_jax converted checkpoint -> Hugging Face model directory, for any registered family.
 
-``convert_to_hf`` loads the checkpoint through ``gist_jax.models.registry`` (which checks the
+``convert_to_hf`` loads the checkpoint through ``gist_jax.convert.loading`` (which checks the
 params against ``model_config.json``), maps params to an HF state dict with the family's
 conversion module, and writes ``config.json``, ``model.safetensors`` (numpy, no torch),
 ``generation_config.json`` and the tokenizer (with ``<GIST>``) atomically, ready for
@@ -17,8 +17,8 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from gist_jax.convert import common
-from gist_jax.models import registry
+from gist_jax.convert import common, loading
+from gist_jax.models.family import family_of
 
 # Shard size above which model.safetensors is split (as transformers does, with an index).
 MAX_SHARD_BYTES = 5 * 2**30
@@ -101,8 +101,8 @@ def convert_to_hf(
     out = pathlib.Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    config, params, tokenizer = registry.load_checkpoint(ckpt_dir)
-    convert = registry.convert_module(config.model_type)
+    config, params, tokenizer = loading.load_checkpoint(ckpt_dir)
+    convert = family_of(config).conversion
     tensors = convert.params_to_hf(params, config)
     hf_config = convert.config_to_hf(config)
     return write_hf_dir(out_dir, hf_config, tensors, tokenizer, overwrite, max_shard_bytes)

@@ -34,6 +34,7 @@ from gist_jax.data.tokenize import (
     TruncationReport,
     encode_decoder_examples,
     encode_encdec_examples,
+    encode_prompts,
 )
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "decoder_prompt_text",
     "encode_decoder_examples",
     "encode_encdec_examples",
+    "encode_prompts",
     "encoder_source_text",
     "host_slice",
     "load_examples",

@@ -315,3 +315,25 @@ def encode_encdec_examples(
             )
         )
     return kept, report
+
+
+def encode_prompts(
+    examples: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    num_gist: int,
+    max_length: int,
+    encoder_decoder: bool,
+) -> tuple[list[DecoderExample] | list[EncDecExample], list[list[int]], TruncationReport]:
+    """The prompts alone (what is compressed or decoded from), with the family's template:
+    ``(encoded examples, prompt token ids, report)``. Decoder-only prompts end after
+    ``Output:``; encoder-decoder prompts are the whole source. User text is cut first to
+    fit ``max_length``."""
+    if encoder_decoder:
+        encoded, report = encode_encdec_examples(
+            examples, tokenizer, num_gist, max_length, max_target_length=1
+        )
+        return encoded, [e.source.tolist() for e in encoded], report
+    encoded, report = encode_decoder_examples(
+        examples, tokenizer, num_gist, max_length, with_completion=False
+    )
+    return encoded, [e.prompt.tolist() for e in encoded], report

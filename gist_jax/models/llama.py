@@ -1,6 +1,7 @@
 """Flax Linen LLaMA family (LLaMA 1/2/3, SmolLM2, and other HF ``LlamaForCausalLM`` models).
 
-This module owns the decoder-only model: RMSNorm, rotary embeddings in Hugging Face's
+This module owns the decoder-only model (norms and the untied output layer come from
+``gist_jax.models.layers``): rotary embeddings in Hugging Face's
 rotate-half layout (default, "linear" and "llama3" frequency scaling), grouped-query
 attention with an explicit head dimension, the SwiGLU MLP, a tied or untied output layer,
 an optional ``nn.scan`` over layers and optional rematerialisation, plus ``LlamaConfig``.
@@ -54,10 +55,9 @@ from gist_jax.models.attention import (
     write_per_layer_cache,
     write_stacked_cache,
 )
+from gist_jax.models.layers import ConfigMethods, RMSNorm, Unembed, remat
 
 ROPE_TYPES = ("default", "linear", "llama3")
-REMAT_POLICIES = ("none", "full", "dots")
-DTYPES = ("float32", "bfloat16")
 
 # Fields that describe how the model runs here, not the network itself: they are stored in
 # model_config.json (the params layout follows scan_layers) but never written to HF.
@@ -71,7 +71,7 @@ def _as_token_ids(value: Any) -> int | tuple[int, ...] | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ConfigMethods):
     """Hyper-parameters of a LLaMA-family model (hashable: Flax modules hold it).
 
     The rope scaling parameters are flat fields rather than a dict so the config stays
@@ -109,8 +109,7 @@ class LlamaConfig:
     remat: str = "none"
 
     def __post_init__(self) -> None:
-        if self.model_type != "llama":
-            raise ValueError(f"LlamaConfig got model_type {self.model_type!r}")
+        self.check_common_fields()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -122,33 +121,17 @@ class LlamaConfig:
             raise ValueError(
                 f"rope type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}"
             )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             object.__setattr__(self, name, _as_token_ids(getattr(self, name)))
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
 
     # ---- gist_jax's own JSON form (model_config.json) ----
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = super().to_dict()
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if isinstance(d[name], tuple):
                 d[name] = list(d[name])
         return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig field(s) {unknown}")
-        return cls(**dict(d))
 
     # ---- Hugging Face config.json ----
 
@@ -159,8 +142,10 @@ class LlamaConfig:
         Raises ``ValueError`` naming the field for features this model does not implement.
         """
         model_type = hf.get("model_type")
-        if model_type != "llama":
-            raise ValueError(f"config.json has model_type {model_type!r}, expected 'llama'")
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"config.json has model_type {model_type!r}, expected {cls.model_type!r}"
+            )
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (LLaMA uses 'silu')")
@@ -313,7 +298,7 @@ def _flat_tokens(x: jax.Array, keep: int = 1) -> jax.Array:
     (a contraction over both the batch and the length axis) as a transposed copy of the
     output gradient plus a non-library dot; with the tokens flattened first it is one
     ``[tokens, in]^T @ [tokens, out]`` matrix product. Same math, and on a 2-core CPU the
-    backward pass of a SwiGLU MLP gets ~30% faster (see gist_jax/benchmark).
+    backward pass of a SwiGLU MLP gets ~30% faster (see benchmarks).
     """
     return x.reshape(-1, *x.shape[x.ndim - keep :])
 
@@ -324,27 +309,6 @@ def _init(config: LlamaConfig, axes: tuple[str, ...]) -> Any:
 
 def _zeros(axes: tuple[str, ...]) -> Any:
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, statistics in float32 (as HF does), learned ``scale``."""
-
-    config: LlamaConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            (x.shape[-1],),
-            jnp.float32,
-        )
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(
-            jnp.mean(xf * xf, axis=-1, keepdims=True) + self.config.rms_norm_eps
-        )
-        dtype = self.config.compute_dtype
-        return xf.astype(dtype) * scale.astype(dtype)
 
 
 class Attention(nn.Module):
@@ -469,50 +433,15 @@ class DecoderLayer(nn.Module):
         end: jax.Array | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
-        x = RMSNorm(cfg, name="input_layernorm")(hidden)
+        x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(hidden)
         attn, new_kv = Attention(cfg, self.cache_layer, self.per_layer_cache, name="self_attn")(
             x, rope, mask, kv, end
         )
         hidden = hidden + attn
-        x = RMSNorm(cfg, name="post_attention_layernorm")(hidden)
+        x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(hidden)
         hidden = hidden + MLP(cfg, name="mlp")(x)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
         return hidden, new_kv
-
-
-class Unembed(nn.Module):
-    """Untied output layer ``[D, V]``; logits in float32 whatever the compute dtype."""
-
-    config: LlamaConfig
-
-    @nn.compact
-    def __call__(self, hidden: jax.Array) -> jax.Array:
-        cfg = self.config
-        kernel = self.param(
-            "kernel", _init(cfg, ("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), jnp.float32
-        )
-        return jnp.einsum(
-            "bqd,dv->bqv",
-            hidden,
-            kernel.astype(cfg.compute_dtype),
-            preferred_element_type=jnp.float32,
-        )
-
-
-def _remat_policy(name: str) -> Any:
-    # "dots" keeps the outputs of weight matmuls (projections, MLP) and recomputes the rest,
-    # including the O(L^2) attention scores, which dominate activation memory.
-    return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
-
-
-def _layer_class(config: LlamaConfig) -> type[nn.Module]:
-    if config.remat == "none":
-        return DecoderLayer
-    # Under scan, CSE across iterations cannot happen, so prevent_cse (which blocks some
-    # XLA optimisations) is only needed for the unrolled stack.
-    return nn.remat(
-        DecoderLayer, policy=_remat_policy(config.remat), prevent_cse=not config.scan_layers
-    )
 
 
 class LlamaForCausalLM(nn.Module):
@@ -544,7 +473,7 @@ class LlamaForCausalLM(nn.Module):
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
         rope = rope_tables(positions, cfg)
         end = None if cache is None else cache.end
-        layer_cls = _layer_class(cfg)
+        layer_cls = remat(DecoderLayer, cfg.remat, cfg.scan_layers)
 
         if cfg.scan_layers:
             if cache is not None:
@@ -577,7 +506,7 @@ class LlamaForCausalLM(nn.Module):
 
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None].astype(jnp.int32), axis=1)
-        hidden = RMSNorm(cfg, name="norm")(hidden)
+        hidden = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="norm")(hidden)
         if return_hidden:
             # For a loss that runs the output layer itself on a few positions
             # (gist_jax.output_loss with ``output_kernel``).
@@ -591,7 +520,9 @@ class LlamaForCausalLM(nn.Module):
                 preferred_element_type=jnp.float32,
             )
         else:
-            logits = Unembed(cfg, name="lm_head")(hidden)
+            logits = Unembed(
+                cfg.vocab_size, cfg.initializer_range, cfg.compute_dtype, name="lm_head"
+            )(hidden)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
         new_cache = None
@@ -606,7 +537,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Registry interface
+# The family interface's hooks (gist_jax.models.family)
 
 CONFIG_CLASS = LlamaConfig
 
@@ -622,37 +553,12 @@ def output_kernel(params: Mapping[str, Any], config: LlamaConfig) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
-def _dummy_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
+def dummy_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Smallest inputs ``Module.init`` traces the model with (``gist_jax.models.family``)."""
     return (
         jnp.zeros((1, 1), jnp.int32),
         jnp.zeros((1, 1), jnp.int32),
         jnp.ones((1, 1, 1, 1), bool),
-    )
-
-
-def _boxed_init(config: LlamaConfig, rng: jax.Array) -> Any:
-    return build_model(config).init(rng, *_dummy_inputs())["params"]
-
-
-def init_params(config: LlamaConfig, rng: jax.Array) -> dict[str, Any]:
-    """Randomly initialised float32 params (plain nested dict, partitioning metadata removed)."""
-    return nn.unbox(_boxed_init(config, rng))
-
-
-def abstract_params(config: LlamaConfig) -> dict[str, Any]:
-    """``ShapeDtypeStruct`` tree of the params (no computation, no memory)."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-
-
-def param_logical_axes(config: LlamaConfig) -> dict[str, Any]:
-    """Tuple of logical axis names for every param, same tree as ``init_params`` (with
-    ``"layers"`` first on stacked params). The tuples are pytree nodes to ``jax.tree``:
-    map over the params tree first, e.g. ``jax.tree.map(f, params, axes)``, or pass
-    ``is_leaf=lambda x: isinstance(x, tuple)``."""
-    boxed = jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0)))
-    specs = nn.get_partition_spec(boxed)
-    return jax.tree.map(
-        lambda spec: tuple(spec), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
     )
 
 

@@ -1,6 +1,7 @@
 """Flax Linen T5 family (T5 v1.0, T5 v1.1, FLAN-T5): encoder-decoder with explicit caches.
 
-This module owns the encoder-decoder model and ``T5Config``: T5's RMS layer norm, relative
+This module owns the encoder-decoder model and ``T5Config`` (its RMS layer norm and untied
+output layer come from ``gist_jax.models.layers``): relative
 position bias (bucketed; bidirectional in the encoder, causal in the decoder; one table per
 stack), unscaled attention logits, the ReLU (v1.0) or gated-GELU (v1.1 / FLAN) feed-forward,
 the tied output layer with ``d_model ** -0.5`` scaling (v1.0) or an untied ``lm_head``
@@ -64,9 +65,7 @@ from gist_jax.models.attention import (
     dot_product_attention,
     write_layer_cache,
 )
-
-REMAT_POLICIES = ("none", "full", "dots")
-DTYPES = ("float32", "bfloat16")
+from gist_jax.models.layers import ConfigMethods, RMSNorm, Unembed, remat
 
 # Fields that describe how the model runs here, not the network: stored in
 # model_config.json (the params layout follows scan_layers) but never written to HF.
@@ -94,7 +93,7 @@ def _activation_of(feed_forward_proj: str) -> tuple[bool, str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ConfigMethods):
     """Hyper-parameters of a T5-family model (hashable: Flax modules hold it).
 
     ``tie_word_embeddings`` selects the v1.0 output layer: logits are the decoder output
@@ -128,8 +127,7 @@ class T5Config:
     remat: str = "none"
 
     def __post_init__(self) -> None:
-        if self.model_type != "t5":
-            raise ValueError(f"T5Config got model_type {self.model_type!r}")
+        self.check_common_fields()
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         _, derived_act = _activation_of(self.feed_forward_proj)
@@ -141,31 +139,10 @@ class T5Config:
             )
         if self.relative_attention_num_buckets < 4:
             raise ValueError("relative_attention_num_buckets must be at least 4")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
 
     @property
     def is_gated_act(self) -> bool:
         return _activation_of(self.feed_forward_proj)[0]
-
-    # ---- gist_jax's own JSON form (model_config.json) ----
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> T5Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown T5Config field(s) {unknown}")
-        return cls(**dict(d))
 
     # ---- Hugging Face config.json ----
 
@@ -178,8 +155,10 @@ class T5Config:
         ``tie_word_embeddings``. Either way, output scaling goes with the tied embedding.
         """
         model_type = hf.get("model_type")
-        if model_type != "t5":
-            raise ValueError(f"config.json has model_type {model_type!r}, expected 't5'")
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"config.json has model_type {model_type!r}, expected {cls.model_type!r}"
+            )
         tie = hf.get("tie_word_embeddings", True) is not False
         scale = bool(hf.get("scale_decoder_outputs", tie))
         if scale and not tie:
@@ -354,27 +333,6 @@ def _normal(std: float, axes: tuple[str, ...]) -> Any:
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
-class LayerNorm(nn.Module):
-    """T5 layer norm: RMS only (no mean, no bias), statistics in float32 as HF does."""
-
-    config: T5Config
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            (x.shape[-1],),
-            jnp.float32,
-        )
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(
-            jnp.mean(xf * xf, axis=-1, keepdims=True) + self.config.layer_norm_epsilon
-        )
-        dtype = self.config.compute_dtype
-        return xf.astype(dtype) * scale.astype(dtype)
-
-
 class Attention(nn.Module):
     """Multi-head attention without logit scaling (T5 folds it into the init); keys and
     values come from ``kv`` so self-, cached and cross-attention share one module."""
@@ -474,7 +432,7 @@ class EncoderLayer(nn.Module):
         bias: jax.Array,
     ) -> tuple[jax.Array, _Pair | None]:
         cfg = self.config
-        x = LayerNorm(cfg, name="self_attn_norm")(hidden)
+        x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="self_attn_norm")(hidden)
         attn = Attention(cfg, name="self_attn")
         k, v = attn.kv(x)
         new_kv = (k, v) if self.collect_kv else None
@@ -482,7 +440,7 @@ class EncoderLayer(nn.Module):
             k = jnp.concatenate([extra[0].astype(k.dtype), k], axis=1)
             v = jnp.concatenate([extra[1].astype(v.dtype), v], axis=1)
         hidden = hidden + attn(x, k, v, mask, bias)
-        x = LayerNorm(cfg, name="ff_norm")(hidden)
+        x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="ff_norm")(hidden)
         hidden = hidden + FeedForward(cfg, name="ff")(x)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
         return hidden, new_kv
@@ -515,7 +473,7 @@ class DecoderLayer(nn.Module):
             return hidden, cross.kv(encoder_hidden)
         self_k, self_v, cross_k, cross_v = state if state is not None else (None,) * 4
 
-        x = LayerNorm(cfg, name="self_attn_norm")(hidden)
+        x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="self_attn_norm")(hidden)
         attn = Attention(cfg, name="self_attn")
         k, v = attn.kv(x)
         new_kv = None
@@ -525,32 +483,16 @@ class DecoderLayer(nn.Module):
             k, v = self_k, self_v
         hidden = hidden + attn(x, k, v, self_mask, self_bias)
 
-        x = LayerNorm(cfg, name="cross_attn_norm")(hidden)
+        x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="cross_attn_norm")(hidden)
         if cross_k is None:
             cross_k, cross_v = cross.kv(encoder_hidden)
         # T5 cross-attention has no position bias.
         hidden = hidden + cross(x, cross_k, cross_v, cross_mask, None)
 
-        x = LayerNorm(cfg, name="ff_norm")(hidden)
+        x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="ff_norm")(hidden)
         hidden = hidden + FeedForward(cfg, name="ff")(x)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
         return hidden, new_kv
-
-
-def _remat_policy(name: str) -> Any:
-    # "dots" keeps the outputs of weight matmuls and recomputes the rest, including the
-    # O(L^2) attention scores and position bias, which dominate activation memory.
-    return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
-
-
-def _maybe_remat(layer_cls: type[nn.Module], config: T5Config) -> type[nn.Module]:
-    if config.remat == "none":
-        return layer_cls
-    # Under scan no CSE across iterations can happen, so prevent_cse (which blocks some
-    # XLA optimisations) is only needed for the unrolled stack.
-    return nn.remat(
-        layer_cls, policy=_remat_policy(config.remat), prevent_cse=not config.scan_layers
-    )
 
 
 def _run_layers(
@@ -565,7 +507,7 @@ def _run_layers(
     """Apply ``num_layers`` blocks (scanned or unrolled; must be called from a compact
     method). ``per_layer`` leaves have a leading layer axis; the blocks' second outputs
     come back stacked the same way (None if the blocks return None)."""
-    layer_cls = _maybe_remat(layer_cls, config)
+    layer_cls = remat(layer_cls, config.remat, config.scan_layers)
     if config.scan_layers:
         scanned = nn.scan(
             layer_cls,
@@ -619,7 +561,7 @@ class Encoder(nn.Module):
             (mask, bias),
             collect_kv=collect_kv,
         )
-        return LayerNorm(cfg, name="final_norm")(hidden), kv
+        return RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="final_norm")(hidden), kv
 
 
 class Decoder(nn.Module):
@@ -668,7 +610,7 @@ class Decoder(nn.Module):
             state,
             (end, self_mask, bias, encoder_hidden, cross_mask),
         )
-        hidden = LayerNorm(cfg, name="final_norm")(hidden)
+        hidden = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="final_norm")(hidden)
         new_cache = None
         if cache is not None:
             new_cache = T5DecoderCache(
@@ -682,28 +624,6 @@ class Decoder(nn.Module):
                 cross_v=cache.cross_v,
             )
         return hidden, new_cache
-
-
-class Unembed(nn.Module):
-    """Untied output layer ``[D, V]`` (v1.1 / FLAN-T5); float32 logits."""
-
-    config: T5Config
-
-    @nn.compact
-    def __call__(self, hidden: jax.Array) -> jax.Array:
-        cfg = self.config
-        kernel = self.param(
-            "kernel",
-            _normal(cfg.initializer_factor, ("embed", "vocab")),
-            (cfg.d_model, cfg.vocab_size),
-            jnp.float32,
-        )
-        return jnp.einsum(
-            "bqd,dv->bqv",
-            hidden,
-            kernel.astype(cfg.compute_dtype),
-            preferred_element_type=jnp.float32,
-        )
 
 
 def _gather_rows(x: jax.Array, index: jax.Array, axis: int) -> jax.Array:
@@ -733,7 +653,7 @@ class T5ForConditionalGeneration(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Unembed(cfg)
+            self.lm_head = Unembed(cfg.vocab_size, cfg.initializer_factor, cfg.compute_dtype)
 
     def _embed(self, ids: jax.Array) -> jax.Array:
         hidden = self.shared(ids.astype(jnp.int32))
@@ -879,7 +799,7 @@ class T5ForConditionalGeneration(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Registry interface
+# The family interface's hooks (gist_jax.models.family)
 
 CONFIG_CLASS = T5Config
 
@@ -888,33 +808,11 @@ def build_model(config: T5Config) -> T5ForConditionalGeneration:
     return T5ForConditionalGeneration(config)
 
 
-def _dummy_inputs() -> tuple[jax.Array, ...]:
+def dummy_inputs() -> tuple[jax.Array, ...]:
+    """Smallest inputs ``Module.init`` traces the model with (``gist_jax.models.family``)."""
     ids = jnp.zeros((1, 1), jnp.int32)
     mask = jnp.ones((1, 1, 1, 1), bool)
     return ids, ids, mask, ids, ids, mask, mask
-
-
-def _boxed_init(config: T5Config, rng: jax.Array) -> Any:
-    return build_model(config).init(rng, *_dummy_inputs())["params"]
-
-
-def init_params(config: T5Config, rng: jax.Array) -> dict[str, Any]:
-    """Randomly initialised float32 params (HF's T5 initialisation; plain nested dict)."""
-    return nn.unbox(_boxed_init(config, rng))
-
-
-def abstract_params(config: T5Config) -> dict[str, Any]:
-    """``ShapeDtypeStruct`` tree of the params (no computation, no memory)."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-
-
-def param_logical_axes(config: T5Config) -> dict[str, Any]:
-    """Tuple of logical axis names for every param, same tree as ``init_params``."""
-    boxed = jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0)))
-    specs = nn.get_partition_spec(boxed)
-    return jax.tree.map(
-        lambda spec: tuple(spec), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
-    )
 
 
 def _stack_num_layers(config: T5Config) -> dict[str, int]:

@@ -3,7 +3,7 @@ logits against ``gist_jax.output_loss.chunked_cross_entropy``, forward and forwa
 backward, with a gisting-like loss mask (the benchmark batch's per-row completion lengths,
 16% of the positions). Random data; median of 5 calls after warm-up.
 
-    python scripts/bench_output_loss.py
+    python -m benchmarks.probes.bench_output_loss
 """
 
 from __future__ import annotations

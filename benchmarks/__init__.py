@@ -1,6 +1,6 @@
 """Efficiency and throughput measurements of gist_jax, side by side with PyTorch ``transformers``.
 
-Run ``python -m gist_jax.benchmark`` (console script ``gist-bench``). One module per
+Run ``python -m benchmarks`` (from the checkout's root). One module per
 measurement: ``peak`` (measured matmul throughput and memory bandwidth of this machine),
 ``train_bench`` (the real jitted train step vs the same step in PyTorch), ``decode_bench``
 (greedy decoding with ``gist_jax.decode`` vs ``transformers`` ``generate``),

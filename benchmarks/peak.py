@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gist_jax.benchmark import common
+from benchmarks import common
 
 
 def nominal_peak_flops() -> dict[str, Any] | None:

@@ -1,17 +1,17 @@
 """Split greedy decoding time into prefill and per-token steps: ``gist_jax.decode.generate``
 (and optionally ``transformers`` ``generate``) on the benchmark's 64-token prompts, timed
 with 1 and with 64 new tokens; the per-step time is their difference / 63. Interleaved
-repetitions (``gist_jax.benchmark.common.measure``), medians printed. Run it under
+repetitions (``benchmarks.common.measure``), medians printed. Run it under
 different ``XLA_FLAGS`` to compare flag sets on the decode step alone.
 
-    python scripts/decode_step_time.py [--batch 16] [--torch] [--reps 3]
+    python -m benchmarks.probes.decode_step_time [--batch 16] [--torch] [--reps 3]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from gist_jax.benchmark import common, decode_bench
+from benchmarks import common, decode_bench
 
 PROMPT_TOKENS, NEW_TOKENS = 64, 64
 

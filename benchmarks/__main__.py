@@ -1,9 +1,9 @@
-"""``python -m gist_jax.benchmark`` / ``gist-bench``: run the measurements, print a table
+"""``python -m benchmarks`` (from the checkout root): run the measurements, print a table
 for each, and write everything (plus the machine description) as JSON.
 
-    gist-bench --out=docs/benchmarks/results.json            # everything (~30 min, 2 cores)
-    gist-bench --only=train --reps=3                         # one measurement
-    gist-bench --quick --model=tiny --out=/tmp/b.json        # seconds: tiny model, 1 rep
+    python -m benchmarks --out=docs/benchmarks/results.json            # everything (~30 min, 2 cores)
+    python -m benchmarks --only=train --reps=3                         # one measurement
+    python -m benchmarks --quick --model=tiny --out=/tmp/b.json        # seconds: tiny model, 1 rep
 
 ``run_benchmarks(BenchOptions(...))`` is the library entry point (tests call it).
 """
@@ -67,7 +67,7 @@ class BenchOptions:
 
 def run_benchmarks(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     """Run the selected measurements; returns (and writes, with ``opts.out``) the results."""
-    from gist_jax.benchmark import common, report
+    from benchmarks import common, report
 
     started = time.time()
     if opts.torch_ref:
@@ -99,7 +99,7 @@ def run_benchmarks(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
 
     peak = None
     if "peak" in opts.only or "train" in opts.only or "decode" in opts.only:
-        from gist_jax.benchmark import peak as peak_mod
+        from benchmarks import peak as peak_mod
 
         start("peak")
         sizes, mib = ((256,), 16) if opts.quick else ((1024, 2048), 256)
@@ -113,7 +113,7 @@ def run_benchmarks(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
     }
     if "train" in opts.only:
         start("train")
-        from gist_jax.benchmark import train_bench
+        from benchmarks import train_bench
 
         done(
             "train",
@@ -131,7 +131,7 @@ def run_benchmarks(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         )
     if "decode" in opts.only:
         start("decode")
-        from gist_jax.benchmark import decode_bench
+        from benchmarks import decode_bench
 
         done(
             "decode",
@@ -148,7 +148,7 @@ def run_benchmarks(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         )
     if "gist" in opts.only:
         start("gist")
-        from gist_jax.benchmark import gist_efficiency
+        from benchmarks import gist_efficiency
 
         done(
             "gist",
@@ -158,7 +158,7 @@ def run_benchmarks(opts: BenchOptions, echo: Any = print) -> dict[str, Any]:
         )
     if "scaling" in opts.only:
         start("scaling")
-        from gist_jax.benchmark import scaling
+        from benchmarks import scaling
 
         quick = opts.quick
         done(

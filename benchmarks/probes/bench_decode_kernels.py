@@ -13,7 +13,7 @@
 
 Random data; median of 20 calls after warm-up. Prints milliseconds per decode step.
 
-    python scripts/bench_decode_kernels.py [--rows 16] [--slots 127] [--sweep 1,8,16,32,64]
+    python -m benchmarks.probes.bench_decode_kernels [--rows 16] [--slots 127] [--sweep 1,8,16,32,64]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gist_jax.benchmark import common
+from benchmarks import common
 from gist_jax.models.attention import KVCache, dot_product_attention, heads_major_attention
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, DIM, HIDDEN = 30, 9, 3, 64, 576, 1536

@@ -1,4 +1,4 @@
-"""``python -m gist_jax.benchmark.profile``: where a compiled workload spends its time, op
+"""``python -m benchmarks.profile``: where a compiled workload spends its time, op
 by op.
 
 Runs one workload as the benchmark builds it (the train step, or greedy decoding) under
@@ -13,9 +13,9 @@ are listed alike.
 The CPU runtime runs independent ops concurrently, so the times of overlapping ops add up
 to more than the wall time: compare rows with each other, not with the total.
 
-    python -m gist_jax.benchmark.profile --what=train             # SmolLM2, 8 x 128
-    python -m gist_jax.benchmark.profile --what=decode --batch=16
-    python -m gist_jax.benchmark.profile --what=train --model=tiny --top=10
+    python -m benchmarks.profile --what=train             # SmolLM2, 8 x 128
+    python -m benchmarks.profile --what=decode --batch=16
+    python -m benchmarks.profile --what=train --model=tiny --top=10
 
 For the train step it also prints the traced time summed by phase (forward, backward,
 optimizer update, other; ``phase_totals``).
@@ -112,8 +112,8 @@ def phase_totals(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def _workload(what: str, model_name: str, batch: int, length: int, new_tokens: int) -> Callable:
-    from gist_jax.benchmark import common, decode_bench, train_bench
-    from gist_jax.benchmark.trainers import JaxTrainer
+    from benchmarks import common, decode_bench, train_bench
+    from benchmarks.trainers import JaxTrainer
 
     model = common.load_model(model_name)
     if what == "train":

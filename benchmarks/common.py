@@ -257,14 +257,15 @@ def load_model(
 ) -> BenchModel:
     """``"default"`` (bundled SmolLM2-135M-Instruct), ``"tiny"`` (random, for smoke tests)
     or a converted checkpoint directory; float32 compute."""
-    from gist_jax.models import registry
+    from gist_jax.convert import loading
+    from gist_jax.models.family import LLAMA
 
     runtime = dict(scan_layers=scan_layers, remat=remat, dtype="float32")
     if source == "tiny":
         from gist_jax import tiny_tokenizer
 
         config = llama.LlamaConfig(**TINY_CONFIG, **runtime)
-        params = llama.init_params(config, jax.random.key(0))
+        params = LLAMA.init_params(config, jax.random.key(0))
         return BenchModel("tiny-random", config, params, tiny_tokenizer.synthetic_bpe(512))
     if source == "default":
         from gist_jax.convert.default_model import MODEL_NAME, ensure_default_model
@@ -273,7 +274,7 @@ def load_model(
         name = MODEL_NAME
     else:
         ckpt_dir, name = source, os.path.basename(os.path.normpath(source))
-    config, params, tokenizer = registry.load_checkpoint(ckpt_dir, scan_layers=scan_layers)
+    config, params, tokenizer = loading.load_checkpoint(ckpt_dir, scan_layers=scan_layers)
     config = dataclasses.replace(config, **runtime)
     params = jax.tree.map(jax.numpy.asarray, params)
     return BenchModel(name, config, params, tokenizer)

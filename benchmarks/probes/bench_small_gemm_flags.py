@@ -4,7 +4,7 @@ activation, timed under several XLA CPU flag sets (one fresh process each: XLA r
 ``XLA_FLAGS`` when its backend starts), then with numpy (OpenBLAS) and PyTorch
 (``F.linear``) in this process. Median of 30 calls; prints GFLOP/s per contender.
 
-    python scripts/bench_small_gemm_flags.py [--rows 16] ["--xla_cpu_use_onednn=true" ...]
+    python -m benchmarks.probes.bench_small_gemm_flags [--rows 16] ["--xla_cpu_use_onednn=true" ...]
 """
 
 from __future__ import annotations

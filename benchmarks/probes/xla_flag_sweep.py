@@ -2,8 +2,8 @@
 several XLA CPU flag sets, one fresh process per set (XLA reads ``XLA_FLAGS`` when its
 backend starts), and print one JSON line per set.
 
-    python scripts/xla_flag_sweep.py                  # the sets below, 3 timed steps each
-    python scripts/xla_flag_sweep.py --reps=5 "" "--xla_cpu_use_onednn=true"
+    python -m benchmarks.probes.xla_flag_sweep                  # the sets below, 3 timed steps each
+    python -m benchmarks.probes.xla_flag_sweep --reps=5 "" "--xla_cpu_use_onednn=true"
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ FLAG_SETS = (
 
 CHILD = """
 import json, os, statistics, sys, time
-from gist_jax.benchmark import common, train_bench
-from gist_jax.benchmark.trainers import JaxTrainer
+from benchmarks import common, train_bench
+from benchmarks.trainers import JaxTrainer
 model = common.load_model("default")
 trainer = JaxTrainer(model, [train_bench.train_batch(model, 8, 128)])
 trainer.step()

@@ -3,7 +3,7 @@ multiply by ``min(1, max_norm / norm)``) against ``optax.clip_by_global_norm`` (
 select), first as the optimizer update alone, then inside the whole train step, each pair
 timed interleaved in one process.
 
-    python scripts/bench_optimizer.py [--batch 8] [--length 96] [--reps 5]
+    python -m benchmarks.probes.bench_optimizer [--batch 8] [--length 96] [--reps 5]
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import common, train_bench
+from benchmarks.trainers import JaxTrainer
 from gist_jax import optim
-from gist_jax.benchmark import common, train_bench
-from gist_jax.benchmark.trainers import JaxTrainer
-from gist_jax.models import llama
+from gist_jax.models.family import LLAMA
 
 CLIPS = {"gist_jax": optim.clip_by_global_norm, "optax": optax.clip_by_global_norm}
 
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     model = common.load_model("default").with_runtime(scan_layers=False)
-    axes = llama.param_logical_axes(model.config)
+    axes = LLAMA.param_axes(model.config)
     updates, steps = {}, {}
     batch = train_bench.train_batch(model, args.batch, args.length)
     for name, clip in CLIPS.items():

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import BenchModel, timed
 from gist_jax import freezing, gist, optim, output_loss, train_step
-from gist_jax.benchmark.common import BenchModel, timed
 from gist_jax.models import llama
+from gist_jax.models.family import LLAMA
 from gist_jax.train_state import TrainState
 
 LR = 1e-5
@@ -52,7 +53,7 @@ class JaxTrainer:
         cfg = model.config
         self.config = cfg
         module = llama.build_model(cfg)
-        axes = llama.param_logical_axes(cfg)
+        axes = LLAMA.param_axes(cfg)
         schedule = optim.make_schedule(LR, 1_000_000, "constant")
         optimizer = optim.make_optimizer(schedule, axes, weight_decay=0.0, clip_norm=CLIP_NORM)
         params = jax.tree.map(jnp.copy, model.params)  # donated by the step: keep a copy
@@ -64,12 +65,12 @@ class JaxTrainer:
             opt_state=optimizer.init(params),
             rng=jax.random.key_data(jax.random.key(0)),
         )
-        keys = train_step.batch_keys("llama")
+        keys = LLAMA.batch_keys
         self.batches = [{k: jnp.asarray(b[k]) for k in keys} for b in batches]
         step = jax.jit(
             train_step.make_train_step(
                 module,
-                "llama",
+                LLAMA,
                 optimizer,
                 schedule,
                 CONDITION,
@@ -94,9 +95,7 @@ class JaxTrainer:
         if parts:
 
             def loss(params: Any, b: Any) -> jax.Array:
-                total, count = train_step.loss_sums(
-                    module, "llama", params, b, CONDITION, loss_chunk
-                )
+                total, count = train_step.loss_sums(module, LLAMA, params, b, CONDITION, loss_chunk)
                 return total / jnp.maximum(count, 1.0)
 
             self.loss_fn, self.parts_compile_s["forward"] = timed(

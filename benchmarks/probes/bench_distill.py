@@ -3,7 +3,7 @@ the student itself ("self"), and from a frozen teacher passed to the step: compi
 (XLA's temporary buffers and arguments) and median step time, interleaved in one process,
 on the bundled SmolLM2-135M at the quickstart's shape (8 x 96 packed synthetic_v2 rows).
 
-    python scripts/bench_distill.py [--reps 4] [--batch 8] [--length 96]
+    python -m benchmarks.probes.bench_distill [--reps 4] [--batch 8] [--length 96]
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks import common
 from gist_jax import data, optim, output_loss
 from gist_jax import train_step as tstep
-from gist_jax.benchmark import common
 from gist_jax.models import llama
+from gist_jax.models.family import LLAMA
 from gist_jax.train_state import TrainState
 
 OBJECTIVES = {
@@ -37,7 +38,7 @@ def _batch(model: common.BenchModel, rows: int, length: int) -> dict[str, jax.Ar
     pad_id = data.PieceEncoder(model.tokenizer).pad_id
     it = data.BatchIterator(encoded, rows, length, pad_id, pack=True, bucket_multiple=length)
     batch = next(it)
-    return {k: jnp.asarray(batch[k]) for k in tstep.batch_keys("llama")}
+    return {k: jnp.asarray(batch[k]) for k in LLAMA.batch_keys}
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     cfg = model.config
     module = llama.build_model(cfg)
     schedule = optim.make_schedule(1e-5, 1_000_000, "constant")
-    optimizer = optim.make_optimizer(schedule, llama.param_logical_axes(cfg), clip_norm=1.0)
+    optimizer = optim.make_optimizer(schedule, LLAMA.param_axes(cfg), clip_norm=1.0)
     batch = _batch(model, args.batch, args.length)
     teacher = jax.tree.map(jnp.copy, model.params)
     runs = {}
@@ -65,7 +66,7 @@ def main() -> None:
         step = jax.jit(
             tstep.make_train_step(
                 module,
-                "llama",
+                LLAMA,
                 optimizer,
                 schedule,
                 "gist",

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common, inputs
+from benchmarks.common import BenchModel
 from gist_jax import compress, gist
-from gist_jax.benchmark import common, inputs
-from gist_jax.benchmark.common import BenchModel
 from gist_jax.models import llama
 from gist_jax.models.attention import KVCache
 

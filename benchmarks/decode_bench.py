@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import common, inputs
+from benchmarks.common import BenchModel
 from gist_jax import decode
-from gist_jax.benchmark import common, inputs
-from gist_jax.benchmark.common import BenchModel
 
 JAX, TORCH = "gist_jax", "transformers"
 

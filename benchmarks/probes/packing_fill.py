@@ -2,7 +2,7 @@
 training examples (the synthetic suite encoded with the bundled tokenizer) are packed into
 96-token rows with 1 (next-fit), 2, 4, 8 and 16 open rows (``data.pack_rows``).
 
-    python scripts/packing_fill.py [--examples 4000] [--length 96]
+    python -m benchmarks.probes.packing_fill [--examples 4000] [--length 96]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 
 import numpy as np
 
-from gist_jax.benchmark import common, inputs
+from benchmarks import common, inputs
 from gist_jax.data import batching
 
 

@@ -22,7 +22,7 @@ the exported params equal the reference's; every checkpoint directory left resto
 equals the reference's checkpoint of the same step; and no temporary or half-deleted
 directory is left behind.
 
-    python scripts/soak_crash.py --attempts=40 --steps=80 --out=/tmp/soak [--update_doc]
+    python -m benchmarks.probes.soak_crash --attempts=40 --steps=80 --out=/tmp/soak [--update_doc]
 
 ``--update_doc`` writes the result into docs/reliability.md (between the soak markers).
 ``tests/test_crash_safety.py`` runs the same machinery with a short, fixed plan.
@@ -45,7 +45,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "tiny_llama.py"
 DOC = REPO / "docs" / "reliability.md"
 DOC_BEGIN = "<!-- soak:begin -->"
@@ -488,11 +488,11 @@ def verify(workdir: pathlib.Path, reference: pathlib.Path, steps: int) -> list[s
         leaves = zip(_leaves(state), _leaves(ref_state), strict=True)
         if not all(np.array_equal(a, b) for a, b in leaves):
             problems.append(f"checkpoint {step}: state differs from the uninterrupted run's")
-    from gist_jax.models import registry
+    from gist_jax.convert import loading
 
     try:
-        _, params, _ = registry.load_checkpoint(workdir / "export")
-        _, ref_params, _ = registry.load_checkpoint(reference / "export")
+        _, params, _ = loading.load_checkpoint(workdir / "export")
+        _, ref_params, _ = loading.load_checkpoint(reference / "export")
         leaves = zip(_leaves(params), _leaves(ref_params), strict=True)
         if not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in leaves):
             problems.append("exported params differ from the uninterrupted run's")
@@ -584,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     shown = (
-        f"python scripts/soak_crash.py --attempts={args.attempts} --steps={args.steps} "
+        f"python -m benchmarks.probes.soak_crash --attempts={args.attempts} --steps={args.steps} "
         f"--seed={args.seed}"
     )
     if args.report_only:

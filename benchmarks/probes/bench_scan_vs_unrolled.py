@@ -3,7 +3,7 @@ batch, timed interleaved in one process (the quickstart's shape by default: 8 x 
 
 Prints each layout's compile time and median step time, and the ratio scan / unrolled.
 
-    python scripts/bench_scan_vs_unrolled.py [--batch 8] [--length 96] [--reps 6]
+    python -m benchmarks.probes.bench_scan_vs_unrolled [--batch 8] [--length 96] [--reps 6]
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import argparse
 import statistics
 import time
 
-from gist_jax.benchmark import common, train_bench
-from gist_jax.benchmark.trainers import JaxTrainer
+from benchmarks import common, train_bench
+from benchmarks.trainers import JaxTrainer
 
 
 def main() -> None:

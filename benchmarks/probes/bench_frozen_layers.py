@@ -5,7 +5,7 @@ layers, timed interleaved in one process (the quickstart's shape by default: 8 x
 Prints each setting's trained parameter count, compile time and median step time, and the
 step time relative to training everything.
 
-    python scripts/bench_frozen_layers.py [--frozen 0,10,15,20] [--batch 8] [--length 96]
+    python -m benchmarks.probes.bench_frozen_layers [--frozen 0,10,15,20] [--batch 8] [--length 96]
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import argparse
 import statistics
 import time
 
+from benchmarks import common, train_bench
+from benchmarks.trainers import JaxTrainer
 from gist_jax import freezing
-from gist_jax.benchmark import common, train_bench
-from gist_jax.benchmark.trainers import JaxTrainer
 from gist_jax.train_state import param_count
 
 

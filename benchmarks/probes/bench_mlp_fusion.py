@@ -3,7 +3,7 @@
 as one dot over the concatenated kernels, and as one batched dot over the stacked kernels;
 timed interleaved in one process. Prints the median per variant.
 
-    python scripts/bench_mlp_fusion.py [--tokens 768] [--reps 30]
+    python -m benchmarks.probes.bench_mlp_fusion [--tokens 768] [--reps 30]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ training instruction strings, and the best input-only exact match per held-out s
 fixed operation per input kind, any of 60 sampled argument settings, chosen with hindsight
 on the split itself).
 
-    python scripts/suite_v2_stats.py
+    python -m benchmarks.probes.suite_v2_stats
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from benchmarks import common, flops, inputs
+from benchmarks import peak as peak_mod
+from benchmarks.common import BenchModel
+from benchmarks.trainers import JaxTrainer, TorchTrainer
 from gist_jax import output_loss
-from gist_jax.benchmark import common, flops, inputs
-from gist_jax.benchmark import peak as peak_mod
-from gist_jax.benchmark.common import BenchModel
-from gist_jax.benchmark.trainers import JaxTrainer, TorchTrainer
 
 JAX, TORCH = "gist_jax", "transformers"
 PEAK = "peak_matmul"

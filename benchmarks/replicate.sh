@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The runs behind docs/results.md, in order. Long: run outside CI.
 #
-#   scripts/replicate.sh ALPACA_PLUS_DIR [WORKDIR]
+#   benchmarks/replicate.sh ALPACA_PLUS_DIR [WORKDIR]
 #
 # ALPACA_PLUS_DIR holds alpaca_plus_validation_{seen,unseen,human}.json (the original
 # gisting repository's data/alpaca_plus/). Each step reuses finished training runs, so an
 # interrupted script can simply be started again.
 set -euo pipefail
-DATA=${1:?usage: scripts/replicate.sh ALPACA_PLUS_DIR [WORKDIR]}
+DATA=${1:?usage: benchmarks/replicate.sh ALPACA_PLUS_DIR [WORKDIR]}
 WORK=${2:-workdirs/replication}
 OUT=docs/results
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from gist_jax.benchmark import common, inputs
-from gist_jax.benchmark.common import BenchModel
-from gist_jax.benchmark.trainers import JaxTrainer, TorchTrainer
+from benchmarks import common, inputs
+from benchmarks.common import BenchModel
+from benchmarks.trainers import JaxTrainer, TorchTrainer
 
 JAX, TORCH = "gist_jax", "transformers"
 

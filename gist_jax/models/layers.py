@@ -1,0 +1,103 @@
+"""What both model families share: the RMS norm (LLaMA's RMSNorm and T5's LayerNorm are
+the same computation), the untied output layer, rematerialisation of a layer class, and the
+config methods for the runtime fields and gist_jax's JSON form (``model_config.json``).
+
+Every parameter carries logical axis names (``gist_jax.sharding`` maps them to the mesh);
+statistics and logits are float32 whatever the compute dtype, as in Hugging Face.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigMethods:
+    """Mixed into each family's frozen dataclass config, which has the family tag
+    ``model_type`` (its class default) and the runtime fields ``dtype`` and ``remat``."""
+
+    model_type: str
+    dtype: str
+    remat: str
+
+    def check_common_fields(self) -> None:
+        if self.model_type != type(self).model_type:
+            raise ValueError(f"{type(self).__name__} got model_type {self.model_type!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
+        return cls(**dict(d))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (no mean, no bias), statistics in float32, learned ``scale``."""
+
+    epsilon: float
+    dtype: Any  # the compute dtype of the output
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            (x.shape[-1],),
+            jnp.float32,
+        )
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
+        return xf.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class Unembed(nn.Module):
+    """Untied output layer ``[D, V]``, normal(``init_std``) initialised; float32 logits."""
+
+    vocab_size: int
+    init_std: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("embed", "vocab")),
+            (hidden.shape[-1], self.vocab_size),
+            jnp.float32,
+        )
+        return jnp.einsum(
+            "bqd,dv->bqv", hidden, kernel.astype(self.dtype), preferred_element_type=jnp.float32
+        )
+
+
+def remat(layer_cls: type[nn.Module], policy: str, scan_layers: bool) -> type[nn.Module]:
+    """``layer_cls`` rematerialised under ``policy`` ("none", "full" or "dots")."""
+    if policy == "none":
+        return layer_cls
+    # "dots" keeps the outputs of weight matmuls (projections, MLP) and recomputes the rest,
+    # including the O(L^2) attention scores (and T5's position bias), which dominate
+    # activation memory. Under scan, CSE across iterations cannot happen, so prevent_cse
+    # (which blocks some XLA optimisations) is only needed for the unrolled stack.
+    saveable = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    return nn.remat(layer_cls, policy=saveable[policy], prevent_cse=not scan_layers)
