@@ -17,6 +17,7 @@ leaves an ``OUT`` that looks complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -107,6 +108,40 @@ def append_mean_row(matrix: np.ndarray) -> np.ndarray:
     """``[V, D] -> [V + 1, D]``: the new (gist) row is the mean of the existing rows."""
     mean = matrix.astype(np.float64).mean(axis=0, keepdims=True).astype(matrix.dtype)
     return np.concatenate([matrix, mean], axis=0)
+
+
+def add_gist_rows(
+    params: Mapping[str, Any], config: Any, embedding: str, token_id: int | None = None
+) -> tuple[dict[str, Any], Any]:
+    """Give ``<GIST>`` a mean-initialised row in the embedding ``params[embedding]`` and,
+    when the output layer is untied, in ``lm_head``; returns the params and the config with
+    the new ``vocab_size`` and ``gist_token_id``.
+
+    By default the row is appended (vocab + 1; the token's id is the old vocab size). A
+    ``token_id`` below ``vocab_size`` means the tokenizer is smaller than the embedding (a
+    padded vocabulary, as in T5's 32128 rows for 32100 tokens): that unused row is
+    overwritten with the mean of the other rows and the vocab size stays.
+    """
+    v = config.vocab_size
+    token_id = v if token_id is None else token_id
+    if not 0 <= token_id <= v:
+        raise ConversionError(f"gist token id {token_id} is beyond the embedding ({v} rows)")
+
+    def with_mean_row(matrix: Any) -> np.ndarray:
+        matrix = np.asarray(matrix, np.float32)
+        if token_id == v:
+            return append_mean_row(matrix)
+        out = matrix.copy()
+        out[token_id] = append_mean_row(np.delete(matrix, token_id, axis=0))[-1]
+        return out
+
+    params = dict(params)
+    params[embedding] = {"embedding": with_mean_row(params[embedding]["embedding"])}
+    if not config.tie_word_embeddings:
+        kernel = np.asarray(params["lm_head"]["kernel"])
+        params["lm_head"] = {"kernel": np.ascontiguousarray(with_mean_row(kernel.T).T)}
+    new_vocab = v + 1 if token_id == v else v
+    return params, dataclasses.replace(config, vocab_size=new_vocab, gist_token_id=token_id)
 
 
 def add_gist_token(tokenizer: Any) -> int:

@@ -9,13 +9,13 @@ Shapes are checked tensor by tensor and errors name the tensor and both shapes.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from gist_jax.convert.common import ConversionError, append_mean_row, take_tensor
+from gist_jax.convert import common
+from gist_jax.convert.common import ConversionError, take_tensor
 from gist_jax.models.llama import LlamaConfig, stack_layers
 
 # HF buffers that older checkpoints saved and that carry no learned weights.
@@ -190,32 +190,6 @@ def _index_tree(tree: Any, i: int) -> Any:
 def add_gist_rows(
     params: Mapping[str, Any], config: LlamaConfig, token_id: int | None = None
 ) -> tuple[dict[str, Any], LlamaConfig]:
-    """Give the ``<GIST>`` token a mean-initialised embedding row (and output row if untied).
-
-    By default the row is appended (vocab + 1, the token's id is the old vocab size). A
-    ``token_id`` below ``vocab_size`` means the tokenizer was smaller than the embedding
-    (padded vocabularies): that existing, unused row is overwritten with the mean of the
-    others and the vocab size stays.
-    """
-    v = config.vocab_size
-    if token_id is None:
-        token_id = v
-    if not 0 <= token_id <= v:
-        raise ConversionError(f"gist token id {token_id} is beyond the embedding ({v} rows)")
-    params = dict(params)
-
-    def with_mean_row(matrix: np.ndarray) -> np.ndarray:
-        matrix = np.asarray(matrix, np.float32)
-        if token_id == v:
-            return append_mean_row(matrix)
-        others = np.delete(matrix, token_id, axis=0)
-        out = matrix.copy()
-        out[token_id] = append_mean_row(others)[-1]
-        return out
-
-    params["embed_tokens"] = {"embedding": with_mean_row(params["embed_tokens"]["embedding"])}
-    if not config.tie_word_embeddings:
-        kernel = np.asarray(params["lm_head"]["kernel"])
-        params["lm_head"] = {"kernel": np.ascontiguousarray(with_mean_row(kernel.T).T)}
-    new_vocab = v + 1 if token_id == v else v
-    return params, dataclasses.replace(config, vocab_size=new_vocab, gist_token_id=token_id)
+    """Give ``<GIST>`` a mean-initialised row in ``embed_tokens`` (and in ``lm_head`` when untied);
+    see ``common.add_gist_rows``."""
+    return common.add_gist_rows(params, config, "embed_tokens", token_id)

@@ -15,13 +15,13 @@ T5's ``lm_head`` when it is built, so a checkpoint it saved from an unscaled mod
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from gist_jax.convert.common import ConversionError, append_mean_row, take_tensor
+from gist_jax.convert import common
+from gist_jax.convert.common import ConversionError, take_tensor
 from gist_jax.models.t5 import T5Config, stack_layers
 
 # Tensors some HF T5 checkpoints carry that hold nothing we need: tied copies of the
@@ -207,32 +207,6 @@ def params_to_hf(params: Mapping[str, Any], config: T5Config) -> dict[str, np.nd
 def add_gist_rows(
     params: Mapping[str, Any], config: T5Config, token_id: int | None = None
 ) -> tuple[dict[str, Any], T5Config]:
-    """Give ``<GIST>`` a mean-initialised row in the shared embedding and, when untied, in
-    ``lm_head``.
-
-    By default the row is appended (vocab + 1; the token's id is the old vocab size). T5
-    checkpoints pad the embedding beyond the tokenizer (e.g. 32128 rows for 32100 tokens),
-    so the tokenizer gives ``<GIST>`` an id below ``vocab_size``: that unused row is then
-    overwritten with the mean of the other rows and the vocab size stays.
-    """
-    v = config.vocab_size
-    if token_id is None:
-        token_id = v
-    if not 0 <= token_id <= v:
-        raise ConversionError(f"gist token id {token_id} is beyond the embedding ({v} rows)")
-
-    def with_mean_row(matrix: Any) -> np.ndarray:
-        matrix = np.asarray(matrix, np.float32)
-        if token_id == v:
-            return append_mean_row(matrix)
-        out = matrix.copy()
-        out[token_id] = append_mean_row(np.delete(matrix, token_id, axis=0))[-1]
-        return out
-
-    params = dict(params)
-    params["shared"] = {"embedding": with_mean_row(params["shared"]["embedding"])}
-    if not config.tie_word_embeddings:
-        kernel = np.asarray(params["lm_head"]["kernel"])
-        params["lm_head"] = {"kernel": np.ascontiguousarray(with_mean_row(kernel.T).T)}
-    new_vocab = v + 1 if token_id == v else v
-    return params, dataclasses.replace(config, vocab_size=new_vocab, gist_token_id=token_id)
+    """Give ``<GIST>`` a mean-initialised row in ``shared`` (and in ``lm_head`` when untied);
+    see ``common.add_gist_rows``."""
+    return common.add_gist_rows(params, config, "shared", token_id)
