@@ -13,7 +13,7 @@ decoder's prefill does, under three conditions:
 
 Per condition: FLOPs from XLA's cost analysis of the compiled computation (one executable
 per distinct shape; compile time reported), median latency over interleaved repetitions,
-cached bytes per prompt (``gist_jax.compress.cache_bytes``), mean tokens run; and the mean
+cached bytes per prompt (``Family.cache_bytes``), mean tokens run; and the mean
 compression ratio (instruction tokens / k). Prompts are Alpaca+ ``validation_human`` with
 ``alpaca_dir``, else the synthetic suite's ``validation_unseen`` (the suite has no
 human-written split; its instructions are short, so savings are smaller than on human
@@ -34,6 +34,7 @@ from benchmarks.common import BenchModel
 from gist_jax import compress, gist
 from gist_jax.models import llama
 from gist_jax.models.attention import KVCache
+from gist_jax.models.family import family_of
 
 CONDITIONS = ("no_caching", "instruction_caching", "gist_caching")
 
@@ -211,7 +212,7 @@ def run(
             "latency_s": mean(lambda r, c=cond: r["latency_s"][c]),
             "tokens_run": mean(lambda r, c=cond: r["tokens_run"][c]),
             "cache_bytes_per_prompt": mean(
-                lambda r, c=cond: compress.cache_bytes(cfg, r["cached_tokens"][c])
+                lambda r, c=cond: family_of(cfg).cache_bytes(cfg, r["cached_tokens"][c])
             ),
         }
     base = table["no_caching"]

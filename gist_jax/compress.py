@@ -134,12 +134,6 @@ class GistCache:
 # Bytes
 
 
-def cache_bytes(config: Any, num_tokens: int | float) -> float:
-    """Bytes of cached state for ``num_tokens`` tokens of one prompt (``Family.cache_bytes``):
-    with ``k`` a gist cache, with the prompt length an ordinary prompt (prefix) cache."""
-    return family_of(config).cache_bytes(config, num_tokens)
-
-
 # ---------------------------------------------------------------------------------------
 # Splitting and checking prompts
 

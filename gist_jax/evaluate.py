@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from gist_jax import compress, decode, gist, metrics
+from gist_jax.models.family import family_of
 
 EVAL_DIR = "eval"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -73,7 +74,6 @@ def encode_split(
     """Tokenise examples with the family's template (prompt only), truncated to
     ``max_prompt_length`` tokens (user text is cut first; see ``gist_jax.data.tokenize``)."""
     from gist_jax import data
-    from gist_jax.models.family import family_of
 
     encoded, prompts, trunc = data.encode_prompts(
         examples, tokenizer, num_gist, max_prompt_length, family_of(model_config).encoder_decoder
@@ -123,8 +123,10 @@ def _compression_figures(model_config: Any, split: EncodedSplit, num_gist: int) 
         "mean_prompt_tokens": mean_prompt,
         "num_gist_tokens": num_gist,
         "compression_ratio": mean_prompt / num_gist if num_gist else 0.0,
-        "gist_cache_bytes_per_prompt": compress.cache_bytes(model_config, num_gist),
-        "prompt_cache_bytes_per_prompt": compress.cache_bytes(model_config, mean_prompt),
+        "gist_cache_bytes_per_prompt": family_of(model_config).cache_bytes(model_config, num_gist),
+        "prompt_cache_bytes_per_prompt": family_of(model_config).cache_bytes(
+            model_config, mean_prompt
+        ),
     }
 
 

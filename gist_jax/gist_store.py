@@ -25,7 +25,7 @@ Arrays are stored in the cache dtype and round-trip bit-exactly.
 
 Bytes per prompt: ``k * layers * 2 * kv_heads * head_dim * itemsize`` (+ ``k * d_model *
 itemsize`` of hidden states for T5), versus the prompt length instead of ``k`` for an
-ordinary prompt cache; see ``compress.cache_bytes``.
+ordinary prompt cache; see ``Family.cache_bytes`` (``gist_jax.models.family``).
 """
 
 from __future__ import annotations

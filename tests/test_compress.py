@@ -23,6 +23,7 @@ from fixtures_gist import BATCH, MAX_NEW, SPECS, TOL, K, llama_model, make_examp
 from gist_jax import compress, decode
 from gist_jax.compress import GistCacheError
 from gist_jax.models import llama
+from gist_jax.models.family import family_of
 
 REF_LENGTH = 32  # the dense reference pads every example to one length: one compile
 
@@ -226,9 +227,9 @@ def test_cache_bytes_formula():
     cache = compress.compress(config, params, [[5, 6, g, g]], batch_size=BATCH)
     # k * layers * 2 * kv_heads * head_dim * 4 bytes
     assert cache.nbytes_per_prompt() == 2 * 2 * 2 * 1 * 16 * 4
-    assert compress.cache_bytes(config, 2) == cache.nbytes_per_prompt()
+    assert family_of(config).cache_bytes(config, 2) == cache.nbytes_per_prompt()
     t5_config, t5_params = t5_model()
     t5_cache = compress.compress(
         t5_config, t5_params, [[5, 6, fxt.GIST_ID, fxt.GIST_ID]], batch_size=BATCH
     )
-    assert compress.cache_bytes(t5_config, 2) == t5_cache.nbytes_per_prompt()
+    assert family_of(t5_config).cache_bytes(t5_config, 2) == t5_cache.nbytes_per_prompt()

@@ -17,6 +17,7 @@ from fixtures_gist import BATCH, MAX_NEW, K, llama_model, make_examples, t5_mode
 from gist_jax import compress, gist_store, sharding
 from gist_jax.gist_store import GistStore, StoreError, StoreMismatchError
 from gist_jax.models import llama
+from gist_jax.models.family import family_of
 
 
 def _llama_prompts() -> tuple[list[list[int]], list[list[int]], list[int]]:
@@ -82,7 +83,7 @@ def test_bytes_per_prompt(llama_store):
     expected = K * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
     assert store.bytes_per_prompt() == expected == fresh.nbytes_per_prompt()
     prompt_len = len(_llama_prompts()[0][3])
-    assert compress.cache_bytes(config, prompt_len) == expected * prompt_len / K
+    assert family_of(config).cache_bytes(config, prompt_len) == expected * prompt_len / K
     assert store.disk_bytes(keys[0]) > 0
 
 

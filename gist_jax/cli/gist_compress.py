@@ -20,8 +20,9 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from gist_jax import compress, gist_store
+from gist_jax import gist_store
 from gist_jax.cli import prompts as prompts_lib
+from gist_jax.models.family import family_of
 
 
 @dataclasses.dataclass
@@ -88,9 +89,9 @@ def compress_instructions(
         store=pathlib.Path(store_dir),
         entries=entries,
         num_gist=num_gist,
-        gist_bytes_per_prompt=compress.cache_bytes(config, num_gist),
+        gist_bytes_per_prompt=family_of(config).cache_bytes(config, num_gist),
         mean_prompt_tokens=mean_prompt,
-        prompt_bytes_per_prompt=compress.cache_bytes(config, mean_prompt),
+        prompt_bytes_per_prompt=family_of(config).cache_bytes(config, mean_prompt),
     )
 
 
