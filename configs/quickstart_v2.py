@@ -22,6 +22,10 @@ from gist_jax.quickstart import default_config
 
 def get_config() -> ml_collections.ConfigDict:
     c = default_config()
+    # Version 1's recipe (8 x 96 rows, 70 steps), which every row of section 4 used.
+    c.train.steps = 70
+    c.train.batch_size = 8
+    c.eval.max_new_tokens = 40
     c.data.source = "synthetic_v2"
     c.eval.splits = ("validation_seen", "validation_recombined", "validation_unseen")
     c.eval.num_examples = 200

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from gist_jax import compress, decode, gist, metrics
+from gist_jax.cli.entry import run_app
 from gist_jax.models.family import family_of
 
 EVAL_DIR = "eval"
@@ -589,10 +590,8 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """Console script entry point (``gist-eval``)."""
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    run_app(main, "gist-eval")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 
 from gist_jax import gist, train_config
+from gist_jax.cli.entry import run_app
 
 RESULTS_DIR = "results"
 EXPORT_HF_DIR = "export_hf"
@@ -83,10 +84,11 @@ def default_config() -> ml_collections.ConfigDict:
     # stacked weights and stacks the gradients every step), for a few more seconds of
     # compilation; decoding reads its per-layer KV cache in place.
     c.model.scan_layers = False
-    # Suite version 1: at this budget the one on which gisting visibly works (on the
-    # training families). Version 2 (thousands of distinct instructions) is
-    # configs/quickstart_v2.py; docs/results.md section 4 has what it measured.
-    c.data.source = "synthetic"
+    # Suite version 3: relations SmolLM2-135M already knows, so its never-trained ones are
+    # instructions the model can follow when it sees them and a gist can be measured on
+    # them (docs/results.md section 5). Versions 1 and 2 with the recipes the docs cite:
+    # configs/quickstart_v1.py, configs/quickstart_v2.py.
+    c.data.source = "synthetic_v3"
     c.data.num_gist_tokens = 1
     c.data.condition = "gist"
     c.data.max_length = 96
@@ -95,8 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.pack_open_rows = 8  # first-fit over 8 rows: 92% of the slots hold tokens, not 81%
     # (benchmarks/probes/packing_fill.py; the scan comparison: benchmarks/probes/bench_scan_vs_unrolled.py)
     c.data.num_train_examples = 4000
-    c.train.steps = 70
-    c.train.batch_size = 8
+    # The gist pathway forms after a number of updates more than of examples: 150 steps of 4
+    # rows take the minutes 70 steps of 8 rows took (docs/results.md section 5).
+    c.train.steps = 150
+    c.train.batch_size = 4
     c.train.lr = 1e-4
     c.train.schedule = "cosine"
     c.train.warmup = 0.05
@@ -111,10 +115,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     # One CPU device: activation sharding constraints would only add a probe and a warning.
     c.mesh.constrain_activations = False
-    c.eval.splits = ("validation_seen", "validation_unseen")
-    c.eval.num_examples = 100
+    c.eval.splits = ("validation_seen", "validation_recombined", "validation_unseen")
+    c.eval.num_examples = 200
     c.eval.batch_size = 16
-    c.eval.max_new_tokens = 40  # synthetic answers are at most ~30 tokens
+    c.eval.max_new_tokens = 24  # the longest answers ("TWENTY-TWO TWENTY-TWO") are ~12 tokens
     c.eval.conditions = gist.CONDITIONS
     c.quickstart = ml_collections.ConfigDict(QUICKSTART_DEFAULTS)
     return c
@@ -538,11 +542,9 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """Console script entry point (``gist-quickstart``)."""
-    from absl import app
-
     from gist_jax import train  # noqa: F401  (defines --config and --workdir)
 
-    app.run(main)
+    run_app(main, "gist-quickstart")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gist_jax import gist, metrics, quickstart
+from gist_jax.cli.entry import run_app
 
 CONTROLS = ("pos_control", "neg_control")
 # A run's own files copied beside the report: (path under the workdir, name in the copy).
@@ -435,12 +436,12 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_multi_string("run", [], "LABEL=WORKDIR of a finished quickstart run.")
     flags.DEFINE_string("out", None, "Directory for table.md, results.json and the plots.")
     flags.mark_flags_as_required(["run", "out"])
-    app.run(main)
+    run_app(main, "gist-replication-report")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from gist_jax import distributed, freezing, optim, teacher, tiny_tokenizer, trai
 from gist_jax import sharding as shd
 from gist_jax import train_state as ts
 from gist_jax import train_step as tstep
+from gist_jax.cli.entry import run_app
 from gist_jax.convert import common, loading
 from gist_jax.models.family import Family, config_from_dict, family_named, family_of
 from gist_jax.train_logging import MetricsLogger, read_metrics
@@ -925,7 +926,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """Console script entry point (``gist-train``)."""
-    app.run(main)
+    run_app(main, "gist-train")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ def _tiny_llama() -> ml_collections.ConfigDict:
 def tiny_config() -> ml_collections.ConfigDict:
     """The quickstart config with configs/tiny_llama.py's model and a few steps."""
     c = quickstart.default_config()
+    c.data.source = "synthetic"  # version 1: the tiny tokenizer's test suite
+    c.eval.splits = SPLITS
     tiny = _tiny_llama()
     c.model.checkpoint = train_config.RANDOM_INIT
     c.model.tokenizer = tiny.model.tokenizer
@@ -116,6 +118,21 @@ def test_each_condition_is_scored_on_its_own_model(trained):
         report = evaluate.run_evaluation(model_config, params, tokenizer, splits, **settings)
         for split in SPLITS:
             assert report.metrics[split][condition] == result.metrics[split][condition]
+
+
+def test_exports_honour_the_umask(trained):
+    """The HF export (a temporary directory renamed into place, safetensors written 0600)
+    and the run's own export get the modes the umask gives every other output."""
+    import os
+
+    _, _, result = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (result.export_hf / "model.safetensors").is_file()
+    for root in (result.export_hf, result.train_dirs["gist"] / "export"):
+        for path in [root, *root.rglob("*")]:
+            expected = (0o777 if path.is_dir() else 0o666) & ~umask
+            assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode))
 
 
 def test_hf_export_reloads_with_transformers(trained):
@@ -250,9 +267,10 @@ def test_default_config_is_the_documented_one():
     c = quickstart.default_config()
     train_config.validate(c)
     quickstart.check_config(c)
-    assert c.model.checkpoint == train_config.DEFAULT_MODEL and c.data.source == "synthetic"
+    assert c.model.checkpoint == train_config.DEFAULT_MODEL and c.data.source == "synthetic_v3"
     assert c.data.num_gist_tokens == 1 and c.quickstart.controls == "trained"
-    assert tuple(c.eval.splits) == SPLITS
+    assert tuple(c.eval.splits) == ("validation_seen", "validation_recombined", "validation_unseen")
+    assert c.eval.num_examples >= 200  # the issue's minimum per split
     spec = importlib.util.spec_from_file_location("qs", REPO / "configs" / "quickstart.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

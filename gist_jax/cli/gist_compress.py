@@ -22,6 +22,7 @@ from typing import Any
 
 from gist_jax import gist_store
 from gist_jax.cli import prompts as prompts_lib
+from gist_jax.cli.entry import run_app
 from gist_jax.models.family import family_of
 
 
@@ -145,10 +146,8 @@ def define_flags(flag_values: Any = None) -> None:
 
 def run() -> None:
     """Console script entry point (``gist-compress``)."""
-    from absl import app
-
     define_flags()
-    app.run(main)
+    run_app(main, "gist-compress")
 
 
 if __name__ == "__main__":

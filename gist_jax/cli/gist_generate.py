@@ -23,6 +23,7 @@ from typing import Any
 
 from gist_jax import compress, decode, gist_store
 from gist_jax.cli import prompts as prompts_lib
+from gist_jax.cli.entry import run_app
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +204,8 @@ def define_flags(flag_values: Any = None) -> None:
 
 def run() -> None:
     """Console script entry point (``gist-generate``)."""
-    from absl import app
-
     define_flags()
-    app.run(main)
+    run_app(main, "gist-generate")
 
 
 if __name__ == "__main__":

@@ -178,10 +178,25 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        apply_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_directory(tmp, out)
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir`` / ``open`` would
+    have given them under the process umask (0755 / 0644 for umask 0022). ``mkdtemp``
+    makes 0700 directories and safetensors writes 0600 files, which would leave an export
+    unreadable to the other users a model directory is usually shared with."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root = pathlib.Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def replace_directory(new: str | os.PathLike, out: str | os.PathLike) -> None:

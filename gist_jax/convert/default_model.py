@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from gist_jax.cli.entry import run_app
 from gist_jax.convert import gguf
 from gist_jax.convert.common import ConversionError
 
@@ -189,10 +190,8 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    run_app(main, "gist-default-model")
 
 
 if __name__ == "__main__":

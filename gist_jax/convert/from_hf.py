@@ -18,6 +18,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from gist_jax.cli.entry import run_app
 from gist_jax.convert import common
 from gist_jax.convert.common import ConversionError
 from gist_jax.models.family import Family, UnsupportedModelError, family_named, family_of
@@ -159,10 +160,8 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    run_app(main, "gist-convert-from-hf")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from gist_jax.cli.entry import run_app
 from gist_jax.convert import common, loading
 from gist_jax.models.family import family_of
 
@@ -128,10 +129,8 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    run_app(main, "gist-convert-to-hf")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """One entry point for example sources: the built-in synthetic suite or Alpaca+ files.
 
 ``load_examples("synthetic", split)`` generates the split of the built-in suite (version 1,
-``gist_jax.data.synthetic``; ``"synthetic_v2"``: version 2, ``gist_jax.data.synthetic_v2``);
+``gist_jax.data.synthetic``; ``"synthetic_v2"``, ``"synthetic_v3"``: versions 2 and 3);
 any other source is a directory
 or URL prefix holding ``alpaca_plus_{split}.json`` (read and validated by ``alpaca``).
 """
@@ -15,6 +15,7 @@ from gist_jax.data import alpaca
 
 SYNTHETIC = "synthetic"
 SYNTHETIC_V2 = "synthetic_v2"
+SYNTHETIC_V3 = "synthetic_v3"
 
 
 def load_examples(
@@ -31,11 +32,13 @@ def load_examples(
     ``seed`` choose what is generated; for files, ``num_examples`` keeps only the first
     that many examples (after validation) and ``seed`` is unused.
     """
-    if str(source) in (SYNTHETIC, SYNTHETIC_V2):
+    if str(source) in (SYNTHETIC, SYNTHETIC_V2, SYNTHETIC_V3):
         # Imported here so `python -m gist_jax.data.synthetic` does not import it twice.
-        from gist_jax.data import synthetic, synthetic_v2
+        from gist_jax.data import synthetic, synthetic_v2, synthetic_v3
 
-        suite = synthetic if str(source) == SYNTHETIC else synthetic_v2
+        suite = {SYNTHETIC: synthetic, SYNTHETIC_V2: synthetic_v2, SYNTHETIC_V3: synthetic_v3}[
+            str(source)
+        ]
         if split not in suite.SPLITS:
             raise ValueError(f"unknown {source} split {split!r}; expected one of {suite.SPLITS}")
         size = suite.DEFAULT_SIZES[split] if num_examples is None else num_examples
@@ -46,3 +49,16 @@ def load_examples(
     if num_examples is not None:
         examples = examples[:num_examples]
     return examples, report
+
+
+def write_splits(
+    source: str, out_dir: str | os.PathLike, sizes: dict[str, int], seed: int = 0
+) -> None:
+    """Write ``alpaca_plus_{split}.json`` under ``out_dir`` for each ``split: size`` of a
+    synthetic ``source``, so the suite can be read back like Alpaca+ files."""
+    import pathlib
+
+    for split, size in sizes.items():
+        path = pathlib.Path(out_dir) / f"alpaca_plus_{split}.json"
+        alpaca.write_examples(path, load_examples(source, split, size, seed)[0])
+        print(f"{split}: {size} examples -> {path}")

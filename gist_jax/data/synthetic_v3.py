@@ -1,0 +1,874 @@
+"""Version 3 of the synthetic instruction suite (``data.source = "synthetic_v3"``): word,
+calendar, geography and number relations that a small pretrained model already knows, so
+that an instruction it was never fine-tuned on is one it can follow when it sees it.
+
+Why a third version: on version 2 (``gist_jax.data.synthetic_v2``) the never-trained
+operations are new algorithms ("count the vowels", "double every letter"), which
+SmolLM2-135M cannot run even with the instruction in view: its pos_control beat
+neg_control there by +3.0 +- 2.2 ROUGE-L after 30 minutes of training, so there was no gap
+for a gist to recover. Here every never-trained operation is a relation the untouched model
+completes from three demonstrations (``benchmarks/probes/relation_probe.py`` measured each
+one: plural, past participle, superlative, continent, currency, demonym, ordinal, ...), so
+the question the held-out split asks is the paper's: can the gist carry an instruction the
+model could follow, but was never trained to compress?
+
+An instruction is
+
+* a **relation** over one of nine input kinds (a number, a month, a weekday, a country, a
+  city, an adjective, a verb, a noun, a letter), some with **arguments** that change the
+  answer ("add 7 to the number", "translate the month into German");
+* or a **format** (capital letters, brackets, repetition), which applies to any kind;
+* optionally a relation followed by a format (a **composition**: "give the plural of the
+  noun, then put it in square brackets");
+* drawn from ``<a|b>`` paraphrase alternatives, politeness prefixes and answer-format
+  clauses (the surface machinery of version 2).
+
+Every input kind has several trained and several never-trained relations, plus the formats,
+so the input does not reveal the task.
+
+Splits (deterministic from ``seed``), as in version 2:
+
+* ``train``: trained relations and formats with training arguments, single or composed
+  (trained pairs only); per relation, one input in ten is never trained on.
+* ``validation_seen``: instructions of the first ``SEEN_POOL`` training examples on their
+  held-out inputs.
+* ``validation_recombined``: held-out argument values of trained relations, and held-out
+  (relation, format) pairs.
+* ``validation_unseen``: ``UNSEEN_OPS``, relations and formats never trained on.
+
+``gist_jax.data.sources.write_splits("synthetic_v3", DIR, sizes)`` writes the splits as
+``alpaca_plus_{split}.json`` files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from babel import Locale
+from babel.languages import get_official_languages
+from babel.numbers import get_currency_name, get_territory_currencies
+from num2words import num2words
+
+from gist_jax.data.synthetic import WORDS
+from gist_jax.data.synthetic_v2 import (
+    _BRACKETS,
+    _CONNECTIVES,
+    _FORMAT_CLAUSES,
+    _PREFIXES,
+    Op,
+    Slots,
+    _bucket,
+    _expand,
+    _Invalid,
+)
+
+SOURCE = "synthetic_v3"
+SPLITS: tuple[str, ...] = ("train", "validation_seen", "validation_recombined", "validation_unseen")
+DEFAULT_SIZES: dict[str, int] = {
+    "train": 20000,
+    "validation_seen": 400,
+    "validation_recombined": 400,
+    "validation_unseen": 400,
+}
+SEEN_POOL = 2000
+COMPOSED_SHARE = 0.3
+HELD_OUT_INPUT_BUCKETS = 10
+HELD_OUT_ARG_BUCKETS = 4
+HELD_OUT_PAIR_BUCKETS = 4
+_MAX_TRIES = 2000
+_INPUT_TRIES = 200
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+def _table(text: str) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(line.split(",")) for line in text.strip().splitlines())
+
+
+# -- what the relations know ----------------------------------------------------------------
+
+_EN = Locale("en")
+MONTHS: tuple[str, ...] = tuple(_EN.months["format"]["wide"][i] for i in range(1, 13))
+DAYS: tuple[str, ...] = tuple(_EN.days["format"]["wide"][i] for i in range(7))  # Monday first
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_SEASONS = _words("winter winter spring spring spring summer summer summer autumn autumn "
+                  "autumn winter")  # fmt: skip
+# Languages that translation relations take as an argument: name -> CLDR locale.
+LANGUAGES: dict[str, str] = {"French": "fr", "Spanish": "es", "German": "de", "Italian": "it"}
+# English name -> (ISO code, capital, continent, demonym). Names are written out here
+# rather than taken from CLDR, whose English names are not always the everyday ones.
+COUNTRIES: dict[str, tuple[str, str, str, str]] = {
+    row[0]: row[1:]
+    for row in _table("""
+France,FR,Paris,Europe,French
+Germany,DE,Berlin,Europe,German
+Spain,ES,Madrid,Europe,Spanish
+Italy,IT,Rome,Europe,Italian
+Japan,JP,Tokyo,Asia,Japanese
+China,CN,Beijing,Asia,Chinese
+Brazil,BR,Brasilia,South America,Brazilian
+Canada,CA,Ottawa,North America,Canadian
+Mexico,MX,Mexico City,North America,Mexican
+Russia,RU,Moscow,Europe,Russian
+Egypt,EG,Cairo,Africa,Egyptian
+Kenya,KE,Nairobi,Africa,Kenyan
+Australia,AU,Canberra,Oceania,Australian
+Argentina,AR,Buenos Aires,South America,Argentinian
+Peru,PE,Lima,South America,Peruvian
+Greece,GR,Athens,Europe,Greek
+Portugal,PT,Lisbon,Europe,Portuguese
+Sweden,SE,Stockholm,Europe,Swedish
+Norway,NO,Oslo,Europe,Norwegian
+Poland,PL,Warsaw,Europe,Polish
+Turkey,TR,Ankara,Asia,Turkish
+Ireland,IE,Dublin,Europe,Irish
+Netherlands,NL,Amsterdam,Europe,Dutch
+Austria,AT,Vienna,Europe,Austrian
+Chile,CL,Santiago,South America,Chilean
+Colombia,CO,Bogota,South America,Colombian
+Nigeria,NG,Abuja,Africa,Nigerian
+Thailand,TH,Bangkok,Asia,Thai
+Vietnam,VN,Hanoi,Asia,Vietnamese
+South Korea,KR,Seoul,Asia,Korean
+Indonesia,ID,Jakarta,Asia,Indonesian
+Morocco,MA,Rabat,Africa,Moroccan
+Cuba,CU,Havana,North America,Cuban
+Finland,FI,Helsinki,Europe,Finnish
+Denmark,DK,Copenhagen,Europe,Danish
+Hungary,HU,Budapest,Europe,Hungarian
+Iran,IR,Tehran,Asia,Iranian
+Ukraine,UA,Kyiv,Europe,Ukrainian
+""")
+}
+CITIES: dict[str, str] = dict(
+    _table("""
+Paris,France
+Lyon,France
+Berlin,Germany
+Munich,Germany
+Madrid,Spain
+Barcelona,Spain
+Rome,Italy
+Milan,Italy
+Tokyo,Japan
+Osaka,Japan
+Beijing,China
+Shanghai,China
+Moscow,Russia
+Cairo,Egypt
+Nairobi,Kenya
+Sydney,Australia
+Melbourne,Australia
+Toronto,Canada
+Lima,Peru
+Athens,Greece
+Lisbon,Portugal
+Stockholm,Sweden
+Oslo,Norway
+Warsaw,Poland
+Istanbul,Turkey
+Dublin,Ireland
+Amsterdam,Netherlands
+Vienna,Austria
+Seoul,South Korea
+Bangkok,Thailand
+Havana,Cuba
+Helsinki,Finland
+London,United Kingdom
+Chicago,United States
+Mumbai,India
+Rio de Janeiro,Brazil
+Buenos Aires,Argentina
+Mexico City,Mexico
+""")
+)
+# adjective, opposite, comparative, superlative
+ADJECTIVES = _table("""
+hot,cold,hotter,hottest
+big,small,bigger,biggest
+tall,short,taller,tallest
+fast,slow,faster,fastest
+happy,sad,happier,happiest
+hard,soft,harder,hardest
+early,late,earlier,earliest
+rich,poor,richer,richest
+strong,weak,stronger,strongest
+thick,thin,thicker,thickest
+wide,narrow,wider,widest
+high,low,higher,highest
+full,empty,fuller,fullest
+clean,dirty,cleaner,cleanest
+wet,dry,wetter,wettest
+loud,quiet,louder,loudest
+good,bad,better,best
+heavy,light,heavier,heaviest
+deep,shallow,deeper,deepest
+sweet,sour,sweeter,sweetest
+warm,cool,warmer,warmest
+young,old,younger,youngest
+bright,dim,brighter,brightest
+smooth,rough,smoother,smoothest
+tight,loose,tighter,tightest
+sharp,dull,sharper,sharpest
+long,short,longer,longest
+cheap,expensive,cheaper,cheapest
+safe,dangerous,safer,safest
+kind,cruel,kinder,kindest
+easy,difficult,easier,easiest
+calm,angry,calmer,calmest
+quick,slow,quicker,quickest
+""")
+# adjective -> adverb, and -> noun in -ness (separate tables: not every adjective has both)
+ADVERBS = dict(
+    _table("""
+quick,quickly
+slow,slowly
+happy,happily
+sad,sadly
+loud,loudly
+quiet,quietly
+easy,easily
+careful,carefully
+good,well
+bad,badly
+soft,softly
+kind,kindly
+brave,bravely
+calm,calmly
+safe,safely
+polite,politely
+gentle,gently
+warm,warmly
+angry,angrily
+honest,honestly
+""")
+)
+NESS = dict(
+    _table("""
+happy,happiness
+sad,sadness
+dark,darkness
+kind,kindness
+weak,weakness
+soft,softness
+calm,calmness
+bright,brightness
+sick,sickness
+lazy,laziness
+good,goodness
+thick,thickness
+ill,illness
+empty,emptiness
+fit,fitness
+aware,awareness
+fair,fairness
+rude,rudeness
+""")
+)
+# verb, past, -ing, past participle, third person singular
+VERBS = _table("""
+go,went,going,gone,goes
+eat,ate,eating,eaten,eats
+see,saw,seeing,seen,sees
+run,ran,running,run,runs
+write,wrote,writing,written,writes
+sing,sang,singing,sung,sings
+swim,swam,swimming,swum,swims
+drink,drank,drinking,drunk,drinks
+take,took,taking,taken,takes
+give,gave,giving,given,gives
+speak,spoke,speaking,spoken,speaks
+break,broke,breaking,broken,breaks
+drive,drove,driving,driven,drives
+fly,flew,flying,flown,flies
+know,knew,knowing,known,knows
+grow,grew,growing,grown,grows
+throw,threw,throwing,thrown,throws
+buy,bought,buying,bought,buys
+bring,brought,bringing,brought,brings
+think,thought,thinking,thought,thinks
+teach,taught,teaching,taught,teaches
+catch,caught,catching,caught,catches
+sleep,slept,sleeping,slept,sleeps
+keep,kept,keeping,kept,keeps
+feel,felt,feeling,felt,feels
+leave,left,leaving,left,leaves
+meet,met,meeting,met,meets
+sit,sat,sitting,sat,sits
+stand,stood,standing,stood,stands
+find,found,finding,found,finds
+make,made,making,made,makes
+tell,told,telling,told,tells
+sell,sold,selling,sold,sells
+win,won,winning,won,wins
+begin,began,beginning,begun,begins
+choose,chose,choosing,chosen,chooses
+fall,fell,falling,fallen,falls
+forget,forgot,forgetting,forgotten,forgets
+ride,rode,riding,ridden,rides
+walk,walked,walking,walked,walks
+jump,jumped,jumping,jumped,jumps
+play,played,playing,played,plays
+cook,cooked,cooking,cooked,cooks
+dance,danced,dancing,danced,dances
+open,opened,opening,opened,opens
+clean,cleaned,cleaning,cleaned,cleans
+watch,watched,watching,watched,watches
+paint,painted,painting,painted,paints
+help,helped,helping,helped,helps
+climb,climbed,climbing,climbed,climbs
+""")
+# noun, plural, with its indefinite article
+NOUNS = _table("""
+apple,apples,an apple
+box,boxes,a box
+baby,babies,a baby
+city,cities,a city
+child,children,a child
+mouse,mice,a mouse
+knife,knives,a knife
+leaf,leaves,a leaf
+tooth,teeth,a tooth
+foot,feet,a foot
+man,men,a man
+woman,women,a woman
+bus,buses,a bus
+church,churches,a church
+dish,dishes,a dish
+party,parties,a party
+story,stories,a story
+wolf,wolves,a wolf
+potato,potatoes,a potato
+tomato,tomatoes,a tomato
+hero,heroes,a hero
+glass,glasses,a glass
+watch,watches,a watch
+boy,boys,a boy
+key,keys,a key
+toy,toys,a toy
+day,days,a day
+family,families,a family
+lady,ladies,a lady
+bench,benches,a bench
+fox,foxes,a fox
+egg,eggs,an egg
+island,islands,an island
+orange,oranges,an orange
+umbrella,umbrellas,an umbrella
+owl,owls,an owl
+house,houses,a house
+horse,horses,a horse
+garden,gardens,a garden
+river,rivers,a river
+""")
+LETTERS = "abcdefghijklmnopqrstuvwxy"  # no "z": "the next letter" must exist
+_COUNT_WORDS = _words("zero one two three four five six")
+
+
+_CAPITALS = frozenset(row[1] for row in COUNTRIES.values())
+
+
+def _roman(n: int) -> str:
+    out = ""
+    for value, symbol in zip(
+        (1000, 900, 500, 400, 100, 90, 50, 40, 10, 9, 5, 4, 1),
+        _words("M CM D CD C XC L XL X IX V IV I"),
+        strict=True,
+    ):
+        count, n = divmod(n, value)
+        out += symbol * count
+    return out
+
+
+def _later_letter(letter: str, n: int) -> str:
+    index = LETTERS.index(letter) + n
+    if not 0 <= index < len(LETTERS):
+        raise _Invalid
+    return LETTERS[index]
+
+
+def _ordinal(n: int) -> str:
+    return num2words(n, to="ordinal_num")
+
+
+def _official_language(country: str) -> str:
+    languages = get_official_languages(COUNTRIES[country][0])
+    if len(languages) != 1:  # several official languages: no single answer
+        raise _Invalid
+    return _EN.languages[languages[0]]
+
+
+def _currency(country: str) -> str:
+    return get_currency_name(get_territory_currencies(COUNTRIES[country][0])[0], locale="en")
+
+
+def _lookup(rows: Sequence[Sequence[str]], column: int) -> Any:
+    table = {row[0]: row[column] for row in rows}
+
+    def apply(slots: Slots, value: str) -> str:
+        if value not in table:
+            raise _Invalid
+        return table[value]
+
+    return apply
+
+
+def _in(mapping: Any) -> Any:
+    def apply(slots: Slots, value: str) -> str:
+        if value not in mapping:
+            raise _Invalid
+        return mapping[value]
+
+    return apply
+
+
+def _number_in(low: int, high: int, fn: Any) -> Any:
+    def apply(slots: Slots, value: str) -> str:
+        n = int(value)
+        if not low <= n <= high:
+            raise _Invalid
+        return fn(slots, n)
+
+    return apply
+
+
+def _shift(values: Sequence[str], step: int) -> Any:
+    return lambda s, v: values[(values.index(v) + step) % len(values)]
+
+
+def _translate(names: Any) -> Any:
+    # names(locale) -> the locale's names in the order of the English ones
+    def apply(slots: Slots, value: str) -> str:
+        return names(LANGUAGES[slots["lang"]], value)
+
+    return apply
+
+
+def _language(rng: random.Random) -> Slots:
+    return {"lang": rng.choice(sorted(LANGUAGES))}
+
+
+def _offset(rng: random.Random) -> Slots:
+    return {"k": rng.randint(2, 9)}
+
+
+def _steps(high: int) -> Any:
+    def sample(rng: random.Random) -> Slots:
+        n = rng.randint(2, high)
+        return {"n": n, "count": f"<{_COUNT_WORDS[n]}|{n}>"}
+
+    return sample
+
+
+def _factor(rng: random.Random) -> Slots:
+    k = rng.randint(3, 5)
+    return {"k": k, "times": f"<{_COUNT_WORDS[k]}|{k}>"}
+
+
+def _extra_word(rng: random.Random) -> Slots:
+    return {"w": rng.choice(WORDS)}
+
+
+def _bracket(rng: random.Random) -> Slots:
+    left, right, name = rng.choice(_BRACKETS)
+    return {"left": left, "right": right, "bracket_name": name}
+
+
+def _count(rng: random.Random) -> Slots:
+    n = rng.randint(2, 3)
+    return {"n": n, "count": f"<{_COUNT_WORDS[n]}|{n}>"}
+
+
+def _month_name(locale: str, month: str) -> str:
+    return Locale(locale).months["format"]["wide"][MONTHS.index(month) + 1]
+
+
+def _day_name(locale: str, day: str) -> str:
+    return Locale(locale).days["format"]["wide"][DAYS.index(day)]
+
+
+def _country_name(locale: str, country: str) -> str:
+    return Locale(locale).territories[COUNTRIES[country][0]]
+
+
+_NUM, _MON, _DAY, _CTY, _CIT = "number", "month", "day", "country", "city"
+_ADJ, _VRB, _NOU, _LET, _ANY = "adjective", "verb", "noun", "letter", "any"
+KINDS: tuple[str, ...] = (_NUM, _MON, _DAY, _CTY, _CIT, _ADJ, _VRB, _NOU, _LET)
+_NOUN = {
+    _NUM: "the number", _MON: "the month", _DAY: "the <day|weekday>", _CTY: "the country",
+    _CIT: "the city", _ADJ: "the adjective", _VRB: "the verb", _NOU: "the <noun|word>",
+    _LET: "the letter",
+}  # fmt: skip
+_RESULT = "<the result|the answer|it>"  # how a format refers to a relation's output
+
+# fmt: off
+_OPS: tuple[Op, ...] = (
+    # --- numbers --------------------------------------------------------------------------
+    Op("number_words", _NUM, ("write {x} in words", "spell out {x} in English words"),
+       lambda s, v: num2words(int(v))),
+    Op("roman", _NUM, ("write {x} <as a Roman numeral|in Roman numerals>",
+                       "convert {x} to Roman numerals"),
+       _number_in(1, 39, lambda s, n: _roman(n))),
+    Op("parity", _NUM, ("say whether {x} is even or odd", "is {x} <even or odd|odd or even>?"),
+       lambda s, v: "even" if int(v) % 2 == 0 else "odd"),
+    Op("dollars", _NUM, ("write {x} as a price in dollars", "<format|write> {x} as a dollar amount"),
+       lambda s, v: f"${v}"),
+    Op("negative", _NUM, ("write the negative of {x}", "put a minus sign in front of {x}"),
+       lambda s, v: f"-{v}"),
+    Op("add", _NUM, ("add {k} to {x}", "<increase|raise> {x} by {k}"),
+       lambda s, v: str(int(v) + s["k"]), _offset),
+    Op("double", _NUM, ("double {x}", "multiply {x} by two"), lambda s, v: str(2 * int(v))),
+    Op("subtract", _NUM, ("subtract {k} from {x}", "<decrease|reduce> {x} by {k}"),
+       lambda s, v: str(int(v) - s["k"]), _offset),
+    Op("multiply", _NUM, ("multiply {x} by {times}", "<give|write> {times} times {x}"),
+       lambda s, v: str(int(v) * s["k"]), _factor),
+    Op("previous_number", _NUM, ("give the number <before|that comes before> {x}",
+                                 "<subtract one from|take one away from> {x}"),
+       lambda s, v: str(int(v) - 1)),
+    # --- months and days --------------------------------------------------------------------
+    Op("next_month", _MON, ("name the month <after|that comes after> {x}",
+                            "which month <follows|comes after> {x}?"), _shift(MONTHS, 1)),
+    Op("later_month", _MON, ("name the month {count} months after {x}",
+                             "which month is {count} months after {x}?"),
+       lambda s, v: MONTHS[(MONTHS.index(v) + s["n"]) % 12], _steps(5)),
+    Op("month_number", _MON, ("give the number of {x} in the year",
+                              "which number is {x} in the calendar?"),
+       lambda s, v: str(MONTHS.index(v) + 1)),
+    Op("month_days", _MON, ("how many days does {x} have?", "<say|give> the number of days in {x}"),
+       lambda s, v: str(_MONTH_DAYS[MONTHS.index(v)])),
+    Op("translate_month", _MON, ("translate {x} into {lang}", "<give|write> {x} in {lang}"),
+       _translate(_month_name), _language),
+    Op("next_day", _DAY, ("name the day <after|that comes after> {x}",
+                          "which day <follows|comes after> {x}?"), _shift(DAYS, 1)),
+    Op("later_day", _DAY, ("name the day {count} days after {x}",
+                           "which day is {count} days after {x}?"),
+       lambda s, v: DAYS[(DAYS.index(v) + s["n"]) % 7], _steps(4)),
+    Op("weekend", _DAY, ("is {x} <on|part of> the weekend? Answer yes or no",
+                         "say yes if {x} is a weekend day and no otherwise"),
+       lambda s, v: "yes" if v in DAYS[5:] else "no"),
+    Op("translate_day", _DAY, ("translate {x} into {lang}", "<give|write> {x} in {lang}"),
+       _translate(_day_name), _language),
+    # --- countries and cities -------------------------------------------------------------
+    Op("capital", _CTY, ("<name|give> the capital of {x}", "what is the capital city of {x}?"),
+       _lookup([(k, *v) for k, v in COUNTRIES.items()], 2)),
+    Op("country_code", _CTY, ("give the two-letter <ISO|country> code of {x}",
+                              "what is the <ISO|two-letter> code of {x}?"),
+       _lookup([(k, *v) for k, v in COUNTRIES.items()], 1)),
+    Op("translate_country", _CTY, ("translate the name of {x} into {lang}",
+                                   "<give|write> the name of {x} in {lang}"),
+       _translate(_country_name), _language),
+    Op("city_country", _CIT, ("in which country is {x}?", "<name|give> the country of {x}"),
+       _in(CITIES)),
+    Op("is_capital", _CIT, ("say yes if {x} is the capital of its country and no otherwise",
+                            "is {x} a capital city? Answer yes or no"),
+       lambda s, v: "yes" if v in _CAPITALS else "no"),
+    # --- words ------------------------------------------------------------------------------
+    Op("comparative", _ADJ, ("give the comparative <form|degree> of {x}",
+                             "<write|give> the comparative of {x}"), _lookup(ADJECTIVES, 2)),
+    Op("opposite", _ADJ, ("give the opposite of {x}", "<write|name> an antonym of {x}"),
+       _lookup(ADJECTIVES, 1)),
+    Op("past_tense", _VRB, ("give the past tense of {x}", "<put|write> {x} in the past tense"),
+       _lookup(VERBS, 1)),
+    Op("ing_form", _VRB, ("give the -ing form of {x}", "<write|give> the present participle of {x}"),
+       _lookup(VERBS, 2)),
+    Op("plural", _NOU, ("give the plural of {x}", "<write|put> {x} in the plural"),
+       _lookup(NOUNS, 1)),
+    Op("first_letter", _NOU, ("give the first letter of {x}", "<name|write> the initial of {x}"),
+       lambda s, v: v[0]),
+    Op("reverse", _NOU, ("write {x} backwards", "<reverse|flip> the letters of {x}"),
+       lambda s, v: v[::-1]),
+    Op("next_letter", _LET, ("give the letter after {x} in the alphabet",
+                             "which letter <follows|comes after> {x}?"),
+       lambda s, v: chr(ord(v) + 1)),
+    Op("later_letter", _LET, ("give the letter {count} places after {x} in the alphabet",
+                              "which letter is {count} places after {x}?"),
+       lambda s, v: _later_letter(v, s["n"]), _steps(4)),
+    Op("letter_position", _LET, ("give the position of {x} in the alphabet",
+                                 "which number is {x} in the alphabet?"),
+       lambda s, v: str(ord(v) - ord("a") + 1)),
+    # --- formats (any kind, and after a relation) ---------------------------------------------
+    Op("uppercase", _ANY, ("write {x} in <capital letters|upper case>",
+                           "<convert|change> {x} to <uppercase|capital letters>"),
+       lambda s, v: v.upper(), chainable=True),
+    Op("bracket", _ANY, ("<put|place> {x} <inside|between> {bracket_name}",
+                         "wrap {x} in {bracket_name}"),
+       lambda s, v: s["left"] + v + s["right"], _bracket, chainable=True),
+    Op("repeat", _ANY, ("write {x} {count} times, separated by spaces",
+                        "repeat {x} {count} times with spaces between"),
+       lambda s, v: " ".join([v] * s["n"]), _count, chainable=True),
+    Op("word_before", _ANY, ("<write|put> the word '{w}' <before|in front of> {x}",
+                             "<add|place> '{w}' before {x}, with a space"),
+       lambda s, v: f"{s['w']} {v}", _extra_word, chainable=True),
+    Op("word_after", _ANY, ("<write|put> the word '{w}' after {x}",
+                            "<add|place> '{w}' after {x}, with a space"),
+       lambda s, v: f"{v} {s['w']}", _extra_word, chainable=True),
+    # === never trained (validation_unseen) ================================================
+    Op("ordinal", _NUM, ("write {x} as an ordinal, like 1st or 2nd",
+                         "<give|write> the ordinal form of {x}"),
+       lambda s, v: _ordinal(int(v))),
+    Op("percent", _NUM, ("write {x} as a percentage", "<add|put> a percent sign after {x}"),
+       lambda s, v: f"{v}%"),
+    Op("two_decimals", _NUM, ("write {x} with two decimal places",
+                              "<format|write> {x} as a decimal with two places"),
+       lambda s, v: f"{v}.00"),
+    Op("next_number", _NUM, ("give the number <after|that comes after> {x}",
+                             "<add one to|increase by one> {x}"),
+       lambda s, v: str(int(v) + 1)),
+    Op("month_abbreviation", _MON, ("give the three-letter abbreviation of {x}",
+                                    "<shorten|abbreviate> {x} to three letters"),
+       lambda s, v: v[:3]),
+    Op("season", _MON, ("in which season is {x} in the northern hemisphere?",
+                        "<name|give> the season of {x} north of the equator"),
+       lambda s, v: _SEASONS[MONTHS.index(v)]),
+    Op("previous_month", _MON, ("name the month <before|that comes before> {x}",
+                                "which month <precedes|comes before> {x}?"), _shift(MONTHS, -1)),
+    Op("day_abbreviation", _DAY, ("give the three-letter abbreviation of {x}",
+                                  "<shorten|abbreviate> {x} to three letters"),
+       lambda s, v: v[:3]),
+    Op("previous_day", _DAY, ("name the day <before|that comes before> {x}",
+                              "which day <precedes|comes before> {x}?"), _shift(DAYS, -1)),
+    Op("day_number", _DAY, ("which day of the week is {x}, counting Monday as 1?",
+                            "give the number of {x} in the week, starting from Monday as 1"),
+       lambda s, v: str(DAYS.index(v) + 1)),
+    Op("continent", _CTY, ("on which continent is {x}?", "<name|give> the continent of {x}"),
+       _lookup([(k, *v) for k, v in COUNTRIES.items()], 3)),
+    Op("currency", _CTY, ("what is the currency of {x}?", "<name|give> the currency used in {x}"),
+       lambda s, v: _currency(v)),
+    Op("language", _CTY, ("what language is spoken in {x}?",
+                          "<name|give> the official language of {x}"),
+       lambda s, v: _official_language(v)),
+    Op("demonym", _CTY, ("what do you call a person from {x}?",
+                         "<give|write> the nationality adjective of {x}"),
+       _lookup([(k, *v) for k, v in COUNTRIES.items()], 4)),
+    Op("superlative", _ADJ, ("give the superlative <form|degree> of {x}",
+                             "<write|give> the superlative of {x}"), _lookup(ADJECTIVES, 3)),
+    Op("adverb", _ADJ, ("turn {x} into an adverb", "<give|write> the adverb formed from {x}"),
+       _in(ADVERBS)),
+    Op("ness_noun", _ADJ, ("turn {x} into a noun ending in -ness",
+                           "<give|write> the -ness noun formed from {x}"), _in(NESS)),
+    Op("third_person", _VRB, ("give the third person singular of {x}",
+                              "<write|give> the form of {x} that goes with he or she"),
+       _lookup(VERBS, 4)),
+    Op("past_participle", _VRB, ("give the past participle of {x}",
+                                 "<write|give> the form of {x} used after 'have'"),
+       _lookup(VERBS, 3)),
+    Op("article", _NOU, ("put 'a' or 'an' in front of {x}",
+                         "<write|give> {x} with its indefinite article"), _lookup(NOUNS, 2)),
+    Op("previous_letter", _LET, ("give the letter before {x} in the alphabet",
+                                 "which letter <precedes|comes before> {x}?"),
+       lambda s, v: _later_letter(v, -1)),
+    Op("hashtag", _ANY, ("turn {x} into a hashtag", "<write|put> a hash sign in front of {x}"),
+       lambda s, v: "#" + v.replace(" ", "")),
+)
+# fmt: on
+
+OPS: dict[str, Op] = {op.name: op for op in _OPS}
+UNSEEN_OPS: tuple[str, ...] = tuple(op.name for op in _OPS[_OPS.index(OPS["ordinal"]) :])
+TRAIN_OPS: tuple[str, ...] = tuple(name for name in OPS if name not in UNSEEN_OPS)
+FORMATS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if OPS[n].kind == _ANY)
+RELATIONS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if OPS[n].kind != _ANY)
+
+
+def _args_key(op: Op, slots: Slots) -> str:
+    values = {k: v for k, v in slots.items() if not (isinstance(v, str) and "<" in v)}
+    return f"{op.family or op.name}|{sorted(values.items())}"
+
+
+def held_out_args(op: Op, slots: Slots) -> bool:
+    """Whether this argument setting of a trained op is kept for ``validation_recombined``."""
+    return bool(slots) and _bucket(_args_key(op, slots), HELD_OUT_ARG_BUCKETS) == 0
+
+
+def held_out_pair(first: str, second: str) -> bool:
+    """Whether the composition ``first`` then ``second`` is kept for ``validation_recombined``."""
+    return _bucket(f"{first}+{second}", HELD_OUT_PAIR_BUCKETS) == 0
+
+
+def trained_pairs(held_out: bool = False) -> list[tuple[str, str]]:
+    """(relation, format) compositions of trained ops, split by ``held_out_pair``."""
+    return [
+        (a, b) for a, b in itertools.product(RELATIONS, FORMATS) if held_out_pair(a, b) == held_out
+    ]
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+_INPUTS: dict[str, tuple[str, ...]] = {
+    _NUM: tuple(str(n) for n in range(1, 100)),
+    _MON: MONTHS,
+    _DAY: DAYS,
+    _CTY: tuple(COUNTRIES),
+    _CIT: tuple(CITIES),
+    _ADJ: tuple(sorted({r[0] for r in ADJECTIVES} | set(ADVERBS) | set(NESS))),
+    _VRB: tuple(r[0] for r in VERBS),
+    _NOU: tuple(r[0] for r in NOUNS),
+    _LET: tuple(LETTERS),
+}
+
+
+def held_out_input(op_name: str, text: str) -> bool:
+    """Whether ``text`` is one of the inputs never trained on with ``op_name`` (one in ten,
+    chosen per relation so every input is trained on with some relation)."""
+    return _bucket(f"{op_name}|{text}", HELD_OUT_INPUT_BUCKETS) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One instruction: the ops it chains (one or two), their slots and its text."""
+
+    ops: tuple[str, ...]
+    slots: tuple[Slots, ...]
+    instruction: str
+    kind: str  # the input kind
+
+    @property
+    def task(self) -> str:
+        return "+".join(self.ops)
+
+    def answer(self, value: str) -> str:
+        for name, slots in zip(self.ops, self.slots, strict=True):
+            value = OPS[name].apply(slots, value)
+        return value
+
+
+def _sample_slots(op: Op, rng: random.Random, held_out: bool | None) -> Slots:
+    for _ in range(_MAX_TRIES):
+        slots = op.args(rng)
+        if held_out is None or held_out_args(op, slots) == held_out:
+            return slots
+    raise RuntimeError(f"op {op.name}: no argument setting in the requested partition")
+
+
+def _phrase(op: Op, slots: Slots, noun: str, rng: random.Random, imperative: bool = False) -> str:
+    # Inside a composition only imperative phrases read well ("first ..., then ...").
+    phrases = [p for p in op.phrases if not (imperative and "?" in p)]
+    return rng.choice(phrases).format(x=noun, **slots)
+
+
+def _sentence(body: str, rng: random.Random) -> str:
+    """Version 2's surface (prefix, capital, answer-format clause), and questions kept as
+    questions: no "Please" in front and no full stop after the question mark."""
+    body = _expand(body, rng)
+    question = body.endswith("?")
+    prefix = rng.choice(_PREFIXES)
+    if question and prefix == "Please ":
+        prefix = ""
+    if not prefix or prefix.endswith(": "):
+        body = body[0].upper() + body[1:]
+    return f"{prefix}{body}{'' if question else '.'}{rng.choice(_FORMAT_CLAUSES)}"
+
+
+def _kind_for(op: Op, rng: random.Random) -> str:
+    return rng.choice(KINDS) if op.kind == _ANY else op.kind
+
+
+def _single(name: str, rng: random.Random, held_out_arg: bool | None) -> Spec:
+    op = OPS[name]
+    kind = _kind_for(op, rng)
+    slots = _sample_slots(op, rng, held_out_arg)
+    text = _sentence(_phrase(op, slots, _NOUN[kind], rng), rng)
+    return Spec((name,), (slots,), text, kind)
+
+
+def _composed(pair: tuple[str, str], rng: random.Random, held_out_arg: bool | None) -> Spec:
+    first, second = (OPS[name] for name in pair)
+    slots = tuple(_sample_slots(op, rng, held_out_arg) for op in (first, second))
+    a = _phrase(first, slots[0], _NOUN[first.kind], rng, imperative=True)
+    b = _phrase(second, slots[1], _RESULT, rng, imperative=True)
+    text = _sentence(rng.choice(_CONNECTIVES).format(a=a, b=b), rng)
+    return Spec(pair, slots, text, first.kind)
+
+
+def _arg_partitions(name: str) -> tuple[bool, bool]:
+    op, rng = OPS[name], random.Random(0)
+    held = {held_out_args(op, op.args(rng)) for _ in range(500)}
+    return False in held, True in held
+
+
+HELD_OUT_ARG_OPS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if all(_arg_partitions(n)))
+
+
+def _spec_stream(split: str, rng: random.Random) -> Any:
+    """Endless instruction specs of a split (not validation_seen, which copies train's)."""
+    train_pairs = trained_pairs(held_out=False)
+    held_pairs = trained_pairs(held_out=True)
+    order: list[str] = []
+    while True:
+        if split == "validation_unseen":
+            if not order:
+                order = list(UNSEEN_OPS)
+                rng.shuffle(order)
+            yield _single(order.pop(), rng, None)
+        elif split == "train":
+            if rng.random() < COMPOSED_SHARE:
+                yield _composed(rng.choice(train_pairs), rng, False)
+            else:
+                yield _single(rng.choice(TRAIN_OPS), rng, False)
+        elif rng.random() < 0.5:
+            yield _composed(rng.choice(held_pairs), rng, False)
+        else:
+            yield _single(rng.choice(HELD_OUT_ARG_OPS), rng, True)
+
+
+def _example(spec: Spec, rng: random.Random, held_out_input_: bool | None) -> dict | None:
+    for _ in range(_INPUT_TRIES):
+        text = rng.choice(_INPUTS[spec.kind])
+        if held_out_input_ is not None and held_out_input(spec.ops[0], text) != held_out_input_:
+            continue
+        try:
+            output = spec.answer(text)
+        except _Invalid:
+            continue
+        return {
+            "instruction": spec.instruction,
+            "input": text,
+            "output": output,
+            "task": spec.task,
+            "source": SOURCE,
+        }
+    return None
+
+
+def _generate(
+    specs: Any, rng: random.Random, held_out_input_: bool | None, num_examples: int
+) -> list[tuple[Spec, dict[str, Any]]]:
+    out = []
+    while len(out) < num_examples:
+        spec = next(specs)
+        example = _example(spec, rng, held_out_input_)
+        if example is not None:
+            out.append((spec, example))
+    return out
+
+
+def _rng(seed: int, split: str) -> random.Random:
+    return random.Random(f"gist_jax.synthetic_v3:{seed}:{split}")
+
+
+def _choices(pool: Sequence[Spec], rng: random.Random) -> Any:
+    while True:
+        yield rng.choice(pool)
+
+
+def make_split(split: str, num_examples: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``num_examples`` examples of ``split``, deterministic from ``(split, seed)``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown synthetic_v3 split {split!r}; expected one of {SPLITS}")
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    rng = _rng(seed, split)
+    if split == "validation_seen":
+        train_rng = _rng(seed, "train")
+        pool = [
+            spec
+            for spec, _ in _generate(_spec_stream("train", train_rng), train_rng, False, SEEN_POOL)
+        ]
+        return [ex for _, ex in _generate(_choices(pool, rng), rng, True, num_examples)]
+    held = False if split == "train" else None
+    return [ex for _, ex in _generate(_spec_stream(split, rng), rng, held, num_examples)]

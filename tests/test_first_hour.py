@@ -1,0 +1,116 @@
+"""What a new user sees in the first hour: no advice about a missing PyTorch on the
+torch-free path, and one line (no traceback) for a mistake on the command line."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs in a fresh interpreter where importlib cannot find torch (as on the README's
+# torch-free install), then imports transformers, optionally after gist_jax.
+_WITHOUT_TORCH = """
+import importlib.util, sys
+real = importlib.util.find_spec
+importlib.util.find_spec = (
+    lambda name, *a, **k: None if name.split(".")[0] == "torch" else real(name, *a, **k)
+)
+if sys.argv[1] == "gist_jax":
+    import gist_jax
+import transformers
+"""
+
+
+@pytest.mark.parametrize("first", ["gist_jax", "nothing"])
+def test_no_pytorch_advice_on_the_torch_free_path(first):
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, first],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    advised = "PyTorch was not found" in proc.stderr
+    # Without gist_jax the advice appears: the check can see it.
+    assert advised == (first == "nothing"), proc.stderr
+
+
+_MISSING = "/nonexistent/gist_jax_test"
+# (module, arguments): a missing directory or an unknown --config key for each console
+# script; {tmp} is a fresh temporary directory.
+_MISTAKES = {
+    "gist-convert-from-hf missing dir": (
+        "gist_jax.convert.from_hf",
+        [f"--hf_dir={_MISSING}", "--out_dir={tmp}/out"],
+        "no config.json",
+    ),
+    "gist-convert-to-hf missing dir": (
+        "gist_jax.convert.to_hf",
+        [f"--ckpt_dir={_MISSING}", "--out_dir={tmp}/out"],
+        _MISSING,
+    ),
+    "gist-train unknown key": (
+        "gist_jax.train",
+        ["--config=configs/tiny_llama.py", "--config.train.no_such_key=1", "--workdir={tmp}/w"],
+        "unknown config key 'no_such_key'",
+    ),
+    "gist-eval unknown key": (
+        "gist_jax.evaluate",
+        ["--config=configs/tiny_llama.py", "--config.eval.no_such_key=1", "--workdir={tmp}/w"],
+        "unknown config key 'no_such_key'",
+    ),
+    "gist-quickstart unknown key": (
+        "gist_jax.quickstart",
+        [
+            "--config=configs/quickstart.py",
+            "--config.quickstart.no_such_key=1",
+            "--workdir={tmp}/w",
+        ],
+        "unknown config key 'no_such_key'",
+    ),
+    "gist-eval missing checkpoint dir": (
+        "gist_jax.evaluate",
+        [
+            "--config=configs/tiny_llama.py",
+            f"--config.model.checkpoint={_MISSING}",
+            "--workdir={tmp}/w",
+        ],
+        _MISSING,
+    ),
+    "gist-generate missing checkpoint": (
+        "gist_jax.cli.gist_generate",
+        [f"--checkpoint={_MISSING}", "--instruction=Reverse the words.", "--input=a b"],
+        _MISSING,
+    ),
+    "gist-compress missing prompts": (
+        "gist_jax.cli.gist_compress",
+        ["--checkpoint=default", f"--prompts={_MISSING}/p.jsonl", "--store={tmp}/store"],
+        _MISSING,
+    ),
+    "gist-replication-report missing run": (
+        "gist_jax.replication",
+        [f"--run=a={_MISSING}", "--out={tmp}/report"],
+        _MISSING,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MISTAKES))
+def test_console_scripts_report_mistakes_in_one_line(case, tmp_path):
+    module, args, expected = _MISTAKES[case]
+    program = case.split()[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *(a.format(tmp=tmp_path) for a in args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{program}: error: ") and expected in last, proc.stderr
