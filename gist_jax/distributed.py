@@ -165,6 +165,19 @@ def resolve(
     return None
 
 
+BIND_ENV = "GIST_COORDINATOR_BIND_ADDRESS"
+
+
+def bind_address(coordinator_address: str, env: Mapping[str, str] | None = None) -> str:
+    """Where process 0's coordination service listens: the coordinator address itself
+    (``127.0.0.1:PORT`` for local runs: loopback only; on a cluster the address the other
+    hosts dial), or ``$GIST_COORDINATOR_BIND_ADDRESS`` when set (e.g. ``0.0.0.0:PORT``).
+    JAX's default would be every interface, and the service has no authentication: anyone
+    who reaches the port could join or disrupt the job."""
+    env = os.environ if env is None else env
+    return env.get(BIND_ENV) or coordinator_address
+
+
 def _use_cpu_collectives() -> None:
     # Harmless on GPU/TPU (the option only affects the CPU client); required on CPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -208,6 +221,7 @@ def initialize(
         return spec
     jax.distributed.initialize(
         coordinator_address=spec.coordinator_address,
+        coordinator_bind_address=bind_address(spec.coordinator_address),
         num_processes=spec.num_processes,
         process_id=spec.process_id,
         local_device_ids=list(spec.local_device_ids) if spec.local_device_ids else None,
