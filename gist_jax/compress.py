@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
@@ -374,6 +374,7 @@ def generate(
     return_logits: bool = False,
     max_input_length: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[Generation]:
     """Decode ``inputs[i]`` (the tokens after the gists) from row ``i`` of ``cache``.
 
@@ -381,7 +382,8 @@ def generate(
     fixes the padded input length (one compile for any input up to it; a longer input is a
     ``GistCacheError``); otherwise inputs are padded to power-of-two buckets. With
     ``return_logits`` each ``Generation`` also carries the input tokens' logits
-    (``prompt_logits``, LLaMA) and each generated token's logits.
+    (``prompt_logits``, LLaMA) and each generated token's logits. ``on_batch(n)`` is called
+    after each batch with its number of inputs (a progress bar).
     """
     gist_id = config.gist_token_id
     _check_inputs(config, cache, inputs, gist_id, max_input_length, max_new_tokens)
@@ -447,6 +449,8 @@ def generate(
         )
         for i, result in zip(chunk, chunk_results, strict=True):
             results[i] = result
+        if on_batch is not None:
+            on_batch(len(chunk))
     return results  # type: ignore[return-value]
 
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -570,6 +570,7 @@ def generate(
     eos_token_ids: Sequence[int] | None = None,
     pad_token_id: int | None = None,
     gist_token_id: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[Generation]:
     """Decode every prompt of the full (uncompressed) sequence under ``condition``'s mask.
 
@@ -577,7 +578,8 @@ def generate(
     the encoder source. Gist spans come from ``gist_token_id`` (default: the config's);
     gist tokens must be contiguous. Prompts are decoded ``batch_size`` at a time (default:
     all), grouped by length and padded to power-of-two buckets; results come back in the
-    order of ``prompts``.
+    order of ``prompts``. ``on_batch(n)`` is called after each batch with its number of
+    prompts (a progress bar).
     """
     if not prompts:
         return []
@@ -630,6 +632,8 @@ def generate(
         chunk_results = _results(out.loop, len(chunk), prompt_logits, [len(r) for r in rows])
         for i, result in zip(chunk, chunk_results, strict=True):
             results[i] = result
+        if on_batch is not None:
+            on_batch(len(chunk))
     return results  # type: ignore[return-value]
 
 

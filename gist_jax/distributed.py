@@ -10,8 +10,8 @@ Where the coordinates come from, first match wins:
 4. SLURM (``SLURM_NTASKS > 1``): process id ``SLURM_PROCID``, coordinator = first host of
    ``SLURM_STEP_NODELIST`` (or ``SLURM_JOB_NODELIST``) on port ``GIST_COORDINATOR_PORT``
    or one derived from the job id. With one task per node (``launch/slurm.sbatch``) each
-   process sees all of its node's GPUs; with several tasks per node, task
-   ``SLURM_LOCALID`` gets GPU ``SLURM_LOCALID``.
+   process sees all of its node's GPUs; with several tasks on its node (however they were
+   launched: ``tasks_on_this_node``), task ``SLURM_LOCALID`` gets GPU ``SLURM_LOCALID``.
 5. ``mode="auto"``: let JAX detect the cluster (Cloud TPU VM pods, MPI, Kubernetes);
    ``launch/tpu_pod.sh`` uses this.
 6. Otherwise a single process; nothing is initialised.
@@ -91,6 +91,25 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def tasks_on_this_node(env: Mapping[str, str]) -> int:
+    """How many tasks of this SLURM step run on this node. ``SLURM_STEP_TASKS_PER_NODE`` /
+    ``SLURM_TASKS_PER_NODE`` (``"2(x3),1"``: two tasks on each of three nodes, then one),
+    which every launch sets, at index ``SLURM_NODEID``; ``SLURM_NTASKS_PER_NODE`` (set only
+    by an explicit ``--ntasks-per-node``) when neither is there."""
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if not env.get(key):
+            continue
+        counts: list[int] = []
+        for part in env[key].split(","):
+            match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+            if not match:
+                raise ValueError(f"cannot parse {key}={env[key]!r}")
+            counts += [int(match.group(1))] * int(match.group(2) or 1)
+        node = int(env.get("SLURM_NODEID", "0") or 0)
+        return counts[min(node, len(counts) - 1)]
+    return int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+
+
 def _slurm_spec(env: Mapping[str, str]) -> ProcessSpec | None:
     ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
     if ntasks <= 1 or "SLURM_PROCID" not in env:
@@ -104,9 +123,8 @@ def _slurm_spec(env: Mapping[str, str]) -> ProcessSpec | None:
     if not port:
         # A port in the upper ephemeral range, the same on every task of the job.
         port = str(61440 + int(env.get("SLURM_JOB_ID", "0")) % 4096)
-    tasks_per_node = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
     local_ids = None
-    if tasks_per_node > 1 and "SLURM_LOCALID" in env:
+    if tasks_on_this_node(env) > 1 and "SLURM_LOCALID" in env:
         local_ids = (int(env["SLURM_LOCALID"]),)
     return ProcessSpec(
         coordinator_address=f"{first_slurm_host(nodelist)}:{port}",

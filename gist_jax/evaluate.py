@@ -27,12 +27,13 @@ process 0 writes the files.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -86,6 +87,18 @@ def encode_split(
         gist_last=[e.gist_last for e in encoded],
         report=trunc.to_dict(),
     )
+
+
+@contextlib.contextmanager
+def _progress_bar(show: bool, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm bar counting decoded examples (None when not shown)."""
+    if not show or jax.process_index() != 0:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=f"evaluating {label}", unit="example", leave=False) as bar:
+        yield bar.update
 
 
 def _decode_condition(
@@ -144,8 +157,10 @@ def run_evaluation(
     batch_size: int = 16,
     mesh: jax.sharding.Mesh | None = None,
     step: int = 0,
+    progress: bool = False,
 ) -> EvalReport:
-    """Decode and score every split under every condition; see ``evaluate``."""
+    """Decode and score every split under every condition; see ``evaluate``. ``progress``
+    shows a bar per split and condition (process 0)."""
     for condition in conditions:
         gist.check_condition(condition)
     if num_gist > 0 and model_config.gist_token_id is None:
@@ -171,7 +186,10 @@ def run_evaluation(
         results[name] = {}
         for condition in conditions:
             t0 = time.perf_counter()
-            outputs = _decode_condition(model_config, params, split, condition, num_gist, **kwargs)
+            with _progress_bar(progress, len(split.prompts), f"{name} / {condition}") as bar:
+                outputs = _decode_condition(
+                    model_config, params, split, condition, num_gist, on_batch=bar, **kwargs
+                )
             seconds[f"{name}/{condition}"] = time.perf_counter() - t0
             texts = [tokenizer.decode(o.tokens, skip_special_tokens=True).strip() for o in outputs]
             results[name][condition] = {
@@ -230,6 +248,7 @@ def evaluate(
     mesh: jax.sharding.Mesh | None = None,
     out_dir: str | os.PathLike | None = None,
     step: int = 0,
+    progress: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Greedy-decode every example of every split under every condition and score it.
 
@@ -259,6 +278,7 @@ def evaluate(
         batch_size=batch_size,
         mesh=mesh,
         step=step,
+        progress=progress,
     )
     if out_dir is not None and jax.process_index() == 0:
         write_report(report, out_dir)
@@ -304,7 +324,8 @@ def markdown_tables(report: EvalReport) -> str:
     compiles = ", ".join(f"{k} {v}" for k, v in sorted(report.run["compilations"].items()))
     lines += [
         "",
-        f"Compilations: {compiles or 'none (all cached)'}; {report.run['seconds']:.1f} s",
+        f"Evaluation took {report.run['seconds']:.1f} s; programs compiled: "
+        f"{compiles or 'none (all cached)'}",
         "",
     ]
     return "\n".join(lines)
@@ -581,6 +602,7 @@ def main(argv: Sequence[str]) -> None:
         mesh=mesh,
         out_dir=out_dir,
         step=step,
+        progress=True,
         **settings,
     )
     if jax.process_index() == 0:

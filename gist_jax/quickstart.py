@@ -470,6 +470,7 @@ def quickstart(
                 tokenizer,
                 splits,
                 step=steps[trained],
+                progress=progress,
                 **settings,
             )
         )

@@ -31,6 +31,7 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -777,6 +778,7 @@ def _train_and_evaluate(
             with _rules_context(rules):
                 pending: list[dict[str, Any]] = []
                 timer, timed = time.monotonic(), 0
+                logger.start_bar(step)
                 while step < total_steps:
                     if stop.reached(step):
                         preempted = True
@@ -793,6 +795,7 @@ def _train_and_evaluate(
                         # The first step includes compilation: time from its end.
                         jax.block_until_ready(metrics)
                         timer, timed = time.monotonic(), 0
+                        logger.first_step_done(step)
                         logger.message(
                             f"first step done {timer - started:.1f} s after start "
                             f"(set-up {setup_s:.1f} s, compilation and step {timer - loop_start:.1f} s)"
@@ -820,6 +823,7 @@ def _train_and_evaluate(
                 # Final (or preemption) checkpoint; skipped if this step is already saved.
                 checkpointer.save(step, state, data_setup.train.state)
             checkpointer.wait()
+            logger.close_bar()
             if preempted:
                 logger.message(f"stopped at step {step} (SIGTERM); checkpoint saved")
             elif config.train.export:
@@ -922,6 +926,15 @@ def main(argv: Sequence[str]) -> None:
     if jax.process_index() == 0:
         state = "preempted" if result.preempted else "done"
         print(f"{state} at step {result.step}/{result.total_steps}; workdir {result.workdir}")
+    if result.preempted and result.step < result.total_steps:
+        # launch/slurm.sbatch asks for a distinct status to requeue the job on; 0 otherwise,
+        # so that a SIGTERM-stopped run reads as a clean stop everywhere else.
+        sys.exit(int(os.environ.get(PREEMPTED_STATUS_ENV) or 0))
+
+
+# Exit status of a run stopped by SIGTERM before its last step, when set (launch/slurm.sbatch
+# sets 75 and requeues the job on it); unset, such a run exits 0.
+PREEMPTED_STATUS_ENV = "GIST_PREEMPTED_EXIT_STATUS"
 
 
 def run() -> None:

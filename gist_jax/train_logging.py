@@ -122,7 +122,7 @@ class MetricsLogger:
         self._tb = _summary_writer_class()(
             str(workdir / TENSORBOARD_DIR), purge_step=start_step + 1
         )
-        # Created at the first train record, so start-up messages print as plain lines.
+        # Created by start_bar, so start-up messages print as plain lines.
         self._want_bar = progress_bar
 
     def eta_seconds(self, step: int) -> float:
@@ -145,16 +145,6 @@ class MetricsLogger:
         for key, value in record.items():
             if key not in ("kind", "step", "time") and isinstance(value, int | float):
                 self._tb.add_scalar(f"{kind}/{key}", value, step)
-        if self._want_bar and self._bar is None and kind == "train":
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(
-                total=self.total_steps,
-                initial=self._start_step,
-                unit="step",
-                dynamic_ncols=True,
-                mininterval=1.0,
-            )
         if self._bar is not None and kind == "train":
             self._bar.n = step
             self._bar.set_postfix(
@@ -163,12 +153,51 @@ class MetricsLogger:
                 tok_s=f"{record.get('tokens_per_s', 0.0):.0f}",
                 refresh=False,
             )
-            self._bar.refresh()
+            if step >= self.total_steps:
+                self.close_bar()  # closing draws the final state once
+            else:
+                self._bar.refresh()
         elif self._bar is not None:
             shown = ", ".join(
                 f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "time"
             )
             self._bar.write(f"[{kind} @ step {step}] {shown}")
+
+    def start_bar(self, step: int) -> None:
+        """Show the bar before the first step, at ``step``, marked as compiling (process 0,
+        when a bar was asked for)."""
+        if not self._want_bar or self._bar is not None:
+            return
+        from tqdm.auto import tqdm
+
+        # smoothing=0: the rate is steps since the clock started over the time since, which
+        # first_step_done restarts after compilation, so rate and ETA are the steps' own.
+        self._bar = tqdm(
+            total=self.total_steps,
+            initial=step,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+            smoothing=0,
+            desc="compiling",
+        )
+        self._bar.refresh()
+
+    def first_step_done(self, step: int) -> None:
+        """The first step (compilation included) ended at ``step``: count from here."""
+        if self._bar is None:
+            return
+        self._bar.n = self._bar.initial = self._bar.last_print_n = step
+        self._bar.start_t = self._bar.last_print_t = self._bar._time()
+        self._bar.set_description("training", refresh=False)
+        self._bar.refresh()
+
+    def close_bar(self) -> None:
+        """End the bar (the last step, or a stop); later lines print plainly."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._want_bar = False
 
     def message(self, text: str) -> None:
         """A line on the console that does not break the progress bar."""
@@ -182,8 +211,7 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        if self._bar is not None:
-            self._bar.close()
+        self.close_bar()
         self._tb.flush()
         self._tb.close()
         self._file.close()

@@ -114,3 +114,36 @@ def test_console_scripts_report_mistakes_in_one_line(case, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{program}: error: ") and expected in last, proc.stderr
+
+
+def test_training_bar_counts_steps_from_the_first_one(tmp_path, capsys):
+    """The bar is up before the first step (marked as compiling), shows each logged step
+    as its position with the steps' own rate (not one inflated by starting after the
+    compile), and ends once at the last step."""
+    import re
+    import time
+
+    from gist_jax.train_logging import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, total_steps=8, progress_bar=True)
+    logger.start_bar(0)
+    assert "compiling" in capsys.readouterr().err
+    time.sleep(0.5)  # "compilation"
+    logger.first_step_done(1)
+    positions, rates = [], []
+    for step in range(2, 9):
+        time.sleep(0.1)  # 10 steps/s
+        logger.log(step, {"loss": 1.0, "lr": 1e-4, "tokens_per_s": 100.0})
+        frames = [f for f in re.split(r"[\r\n]", capsys.readouterr().err) if "/8" in f]
+        assert frames, step
+        last = frames[-1]
+        positions.append(int(re.search(r"(\d+)/8", last).group(1)))
+        found = re.search(r"([\d.]+)step/s", last) or re.search(r"([\d.]+)s/step", last)
+        rate = float(found.group(1))
+        rates.append(rate if "step/s" in found.group(0) else 1 / rate)
+    logger.message("exported")  # after the last step: a plain line, no bar redrawn
+    logger.close()
+    out = capsys.readouterr()
+    assert positions == list(range(2, 9))
+    assert all(4 < r < 15 for r in rates), rates  # the steps' rate, ~10 step/s
+    assert "/8" not in out.err and "exported" in out.out

@@ -197,6 +197,40 @@ def test_distributed_resolution():
     assert distributed.first_slurm_host("n[3,5-7]") == "n3"
 
 
+@pytest.mark.parametrize(
+    "launch, env, local_ids",
+    [
+        # `srun --ntasks=4` on one node: no SLURM_NTASKS_PER_NODE, the step's count says 4.
+        ("srun --ntasks=4", {"SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_TASKS_PER_NODE": "4"}, (2,)),
+        # sbatch --ntasks-per-node=2 over 3 nodes.
+        (
+            "--ntasks-per-node=2",
+            {"SLURM_TASKS_PER_NODE": "2(x3)", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "1"},
+            (2,),
+        ),
+        # Uneven: 3 tasks on node 0, 1 on node 1; this task is node 1's only one.
+        ("uneven, alone", {"SLURM_STEP_TASKS_PER_NODE": "3,1", "SLURM_NODEID": "1"}, None),
+        ("uneven, shared", {"SLURM_STEP_TASKS_PER_NODE": "3,1", "SLURM_NODEID": "0"}, (2,)),
+        # One task per node (launch/slurm.sbatch): every GPU of the node.
+        ("one per node", {"SLURM_STEP_TASKS_PER_NODE": "1(x4)", "SLURM_NODEID": "2"}, None),
+        # The job's count when the step's is missing.
+        ("job count only", {"SLURM_TASKS_PER_NODE": "4"}, (2,)),
+    ],
+)
+def test_slurm_gpu_per_task_for_each_way_of_launching(launch, env, local_ids):
+    base = {
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "2",
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "gpu[1-4]",
+        "SLURM_LOCALID": "2",
+    }
+    spec = distributed.resolve(env=base | env)
+    assert spec.local_device_ids == local_ids, launch
+    with pytest.raises(ValueError, match="cannot parse SLURM_STEP_TASKS_PER_NODE"):
+        distributed.tasks_on_this_node({"SLURM_STEP_TASKS_PER_NODE": "2(y3)"})
+
+
 # ---------------------------------------------------------------------------------------
 # The sharded step
 
