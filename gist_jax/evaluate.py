@@ -347,7 +347,7 @@ def plot_rouge(report: EvalReport, path: pathlib.Path) -> None:
         values = [report.metrics[s][condition]["rougeL"] for s in splits]
         bars = ax.bar(x + (i - (len(conditions) - 1) / 2) * width, values, width, label=condition)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(x, splits)
+    ax.set_xticks(x, [name.removeprefix("validation_") for name in splits])
     ax.set_ylabel("ROUGE-L")
     ax.set_ylim(0, 100)
     ax.set_title(f"ROUGE-L per split and condition (step {report.run['step']})")
@@ -381,9 +381,12 @@ def plot_compression(report: EvalReport, path: pathlib.Path) -> None:
         for i, (key, label) in enumerate(zip(keys, labels, strict=True)):
             bars = ax.bar(x + (i - 0.5) * 0.4, [v[key] / scale for v in c], 0.4, label=label)
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_xticks(x, splits)
+        ax.set_xticks(x, [name.removeprefix("validation_") for name in splits])
         ax.set_ylabel(unit)
-        ax.legend(fontsize=8)
+        # Room above the tallest bar for its value label; the legend below the axes, where
+        # it covers no bar.
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.suptitle("Prompt compression")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

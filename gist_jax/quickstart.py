@@ -379,6 +379,23 @@ def summary_lines(report: Any, seconds: Mapping[str, float]) -> list[str]:
     return lines
 
 
+def _bytes_under(path: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def disk_line(workdir: pathlib.Path, train_dirs: Mapping[str, pathlib.Path]) -> str:
+    """What the workdir holds on disk and what of it can go: the training checkpoints
+    (params and optimizer state) only let training resume, and let a rerun of the quickstart
+    skip training; the results and the exports do not need them."""
+    checkpoints = [d / "checkpoints" for d in train_dirs.values() if (d / "checkpoints").is_dir()]
+    held = sum(_bytes_under(c) for c in checkpoints)
+    return (
+        f"disk: {workdir} holds {_bytes_under(workdir) / 1e9:.1f} GB; the training checkpoints "
+        f"({held / 1e9:.1f} GB: {', '.join(str(c.relative_to(workdir)) for c in checkpoints)}) "
+        "can be deleted: the exports and results do not need them (a rerun would train again)"
+    )
+
+
 def _length(config: ml_collections.ConfigDict) -> str:
     t = config.train
     return f"{t.steps} steps" if t.steps > 0 else f"{t.epochs:g} epochs"
@@ -413,7 +430,7 @@ def quickstart(
     config = prepare_config(config)
     check_config(config)
     started = time.monotonic()
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).absolute()  # every path it prints is absolute
     workdir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
@@ -423,7 +440,7 @@ def quickstart(
         t0 = time.monotonic()
         _say("[1/4] the bundled SmolLM2-135M-Instruct (converted once, then cached)", progress)
         _, ckpt_dir = ensure_default_model(progress=progress)
-        _say(f"      {ckpt_dir}", progress)
+        _say(f"      converted model: {ckpt_dir}", progress)
         seconds["convert"] = time.monotonic() - t0
 
     train_dirs: dict[str, pathlib.Path] = {}
@@ -497,6 +514,7 @@ def quickstart(
     _say(f"\nresults: {results_dir}  (rouge_l.png, compression.png, results.md)", progress)
     if export_hf is not None:
         _say(f"HF export: {export_hf}", progress)
+    _say(disk_line(workdir, train_dirs), progress)
     summary = {
         "seconds": seconds,
         "metrics": report.metrics,

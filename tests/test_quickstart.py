@@ -135,6 +135,14 @@ def test_exports_honour_the_umask(trained):
             assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode))
 
 
+def test_disk_line_names_what_can_be_deleted(trained):
+    _, workdir, result = trained
+    line = quickstart.disk_line(workdir, result.train_dirs)
+    for condition in gist.CONDITIONS:
+        assert f"{condition}/checkpoints" in line
+    assert line.startswith(f"disk: {workdir} holds ") and "can be deleted" in line
+
+
 def test_hf_export_reloads_with_transformers(trained):
     """The exported directory is the trained gist model: transformers loads it without
     missing keys and reproduces gist_jax's logits under the gist mask."""
