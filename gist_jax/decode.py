@@ -174,10 +174,11 @@ def default_pad_id(config: Any) -> int:
 
 
 def place_params(params: Any, config: Any, mesh: jax.sharding.Mesh | None) -> Any:
-    """Params on ``mesh`` with their logical-axis shardings (no-op without a mesh, or when
-    they already are)."""
+    """Params on ``mesh`` with their logical-axis shardings, or without a mesh on the
+    default device (host numpy arrays are copied there once, not at every call of a
+    compiled function; arrays already placed stay where they are)."""
     if mesh is None:
-        return params
+        return jax.device_put(params)
     axes = family_of(config).param_axes(config)
     shardings = sharding.tree_shardings(params, axes, mesh)
     return jax.device_put(params, shardings)
@@ -578,8 +579,9 @@ def generate(
     the encoder source. Gist spans come from ``gist_token_id`` (default: the config's);
     gist tokens must be contiguous. Prompts are decoded ``batch_size`` at a time (default:
     all), grouped by length and padded to power-of-two buckets; results come back in the
-    order of ``prompts``. ``on_batch(n)`` is called after each batch with its number of
-    prompts (a progress bar).
+    order of ``prompts``. ``eos_token_ids`` end a row (default: the config's EOS token);
+    ``()`` turns stopping off, so every row runs ``max_new_tokens``. ``on_batch(n)`` is
+    called after each batch with its number of prompts (a progress bar).
     """
     if not prompts:
         return []

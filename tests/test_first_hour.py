@@ -147,3 +147,16 @@ def test_training_bar_counts_steps_from_the_first_one(tmp_path, capsys):
     assert positions == list(range(2, 9))
     assert all(4 < r < 15 for r in rates), rates  # the steps' rate, ~10 step/s
     assert "/8" not in out.err and "exported" in out.out
+
+
+def test_cli_loader_decodes_unrolled_from_device_arrays():
+    """gist-generate / gist-compress load the bundled model (stored stacked for nn.scan)
+    with unrolled layers, evaluation's decoding layout, and params already on the device."""
+    import jax
+
+    from gist_jax.cli import prompts
+
+    config, params, tokenizer = prompts.load_model("default")
+    assert config.scan_layers is False and tokenizer is not None
+    leaves = jax.tree.leaves(params)
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves)
