@@ -97,8 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.pack_open_rows = 8  # first-fit over 8 rows: 92% of the slots hold tokens, not 81%
     # (benchmarks/probes/packing_fill.py; the scan comparison: benchmarks/probes/bench_scan_vs_unrolled.py)
     c.data.num_train_examples = 4000
-    # The gist pathway forms after a number of updates more than of examples: 150 steps of 4
-    # rows take the minutes 70 steps of 8 rows took (docs/results.md section 5).
+    # Updates more than examples: 150 steps of 4 rows take the minutes 70 steps of 8 rows
+    # took and recover more of the seen and recombined gaps (docs/results.md section 5).
     c.train.steps = 150
     c.train.batch_size = 4
     c.train.lr = 1e-4
