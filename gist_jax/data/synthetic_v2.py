@@ -596,12 +596,19 @@ def _example(spec: Spec, rng: random.Random, held_out_input: bool | None) -> dic
 
 
 def _generate(
-    specs: Any, rng: random.Random, held_out_input: bool | None, num_examples: int
-) -> list[tuple[Spec, dict[str, Any]]]:
+    specs: Any,
+    rng: random.Random,
+    held_out_input: bool | None,
+    num_examples: int,
+    example_of: Callable[..., dict | None] | None = None,
+) -> list[tuple[Any, dict[str, Any]]]:
+    """``num_examples`` (spec, example) pairs from an endless spec stream; ``example_of``
+    (default this suite's ``_example``) turns a spec into an example or None."""
+    example_of = example_of or _example
     out = []
     while len(out) < num_examples:
         spec = next(specs)
-        example = _example(spec, rng, held_out_input)
+        example = example_of(spec, rng, held_out_input)
         if example is not None:
             out.append((spec, example))
     return out

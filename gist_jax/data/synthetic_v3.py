@@ -62,8 +62,13 @@ from gist_jax.data.synthetic_v2 import (
     Op,
     Slots,
     _bucket,
+    _choices,
     _expand,
+    _generate,
     _Invalid,
+    _sample_slots,
+    held_out_args,
+    held_out_pair,
 )
 
 SOURCE = "synthetic_v3"
@@ -77,10 +82,9 @@ DEFAULT_SIZES: dict[str, int] = {
 SEEN_POOL = 2000
 COMPOSED_SHARE = 0.3
 HELD_OUT_INPUT_BUCKETS = 10
-HELD_OUT_ARG_BUCKETS = 4
-HELD_OUT_PAIR_BUCKETS = 4
-_MAX_TRIES = 2000
 _INPUT_TRIES = 200
+# Held-out argument settings and (relation, format) pairs use version 2's buckets
+# (``held_out_args``, ``held_out_pair``): one in four of each.
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -675,21 +679,6 @@ FORMATS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if OPS[n].kind == _ANY)
 RELATIONS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if OPS[n].kind != _ANY)
 
 
-def _args_key(op: Op, slots: Slots) -> str:
-    values = {k: v for k, v in slots.items() if not (isinstance(v, str) and "<" in v)}
-    return f"{op.family or op.name}|{sorted(values.items())}"
-
-
-def held_out_args(op: Op, slots: Slots) -> bool:
-    """Whether this argument setting of a trained op is kept for ``validation_recombined``."""
-    return bool(slots) and _bucket(_args_key(op, slots), HELD_OUT_ARG_BUCKETS) == 0
-
-
-def held_out_pair(first: str, second: str) -> bool:
-    """Whether the composition ``first`` then ``second`` is kept for ``validation_recombined``."""
-    return _bucket(f"{first}+{second}", HELD_OUT_PAIR_BUCKETS) == 0
-
-
 def trained_pairs(held_out: bool = False) -> list[tuple[str, str]]:
     """(relation, format) compositions of trained ops, split by ``held_out_pair``."""
     return [
@@ -735,14 +724,6 @@ class Spec:
         for name, slots in zip(self.ops, self.slots, strict=True):
             value = OPS[name].apply(slots, value)
         return value
-
-
-def _sample_slots(op: Op, rng: random.Random, held_out: bool | None) -> Slots:
-    for _ in range(_MAX_TRIES):
-        slots = op.args(rng)
-        if held_out is None or held_out_args(op, slots) == held_out:
-            return slots
-    raise RuntimeError(f"op {op.name}: no argument setting in the requested partition")
 
 
 def _phrase(op: Op, slots: Slots, noun: str, rng: random.Random, imperative: bool = False) -> str:
@@ -835,25 +816,8 @@ def _example(spec: Spec, rng: random.Random, held_out_input_: bool | None) -> di
     return None
 
 
-def _generate(
-    specs: Any, rng: random.Random, held_out_input_: bool | None, num_examples: int
-) -> list[tuple[Spec, dict[str, Any]]]:
-    out = []
-    while len(out) < num_examples:
-        spec = next(specs)
-        example = _example(spec, rng, held_out_input_)
-        if example is not None:
-            out.append((spec, example))
-    return out
-
-
 def _rng(seed: int, split: str) -> random.Random:
     return random.Random(f"gist_jax.synthetic_v3:{seed}:{split}")
-
-
-def _choices(pool: Sequence[Spec], rng: random.Random) -> Any:
-    while True:
-        yield rng.choice(pool)
 
 
 def make_split(split: str, num_examples: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -867,8 +831,11 @@ def make_split(split: str, num_examples: int, seed: int = 0) -> list[dict[str, A
         train_rng = _rng(seed, "train")
         pool = [
             spec
-            for spec, _ in _generate(_spec_stream("train", train_rng), train_rng, False, SEEN_POOL)
+            for spec, _ in _generate(
+                _spec_stream("train", train_rng), train_rng, False, SEEN_POOL, _example
+            )
         ]
-        return [ex for _, ex in _generate(_choices(pool, rng), rng, True, num_examples)]
+        return [ex for _, ex in _generate(_choices(pool, rng), rng, True, num_examples, _example)]
     held = False if split == "train" else None
-    return [ex for _, ex in _generate(_spec_stream(split, rng), rng, held, num_examples)]
+    stream = _spec_stream(split, rng)
+    return [ex for _, ex in _generate(stream, rng, held, num_examples, _example)]
