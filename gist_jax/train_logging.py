@@ -111,6 +111,7 @@ class MetricsLogger:
         self._start_time = time.monotonic()
         self._bar = None
         self._want_bar = False
+        self._console = False  # evaluation records on the console (with the bar)
         self._tb = None
         self._file = None
         if not enabled:
@@ -123,7 +124,7 @@ class MetricsLogger:
             str(workdir / TENSORBOARD_DIR), purge_step=start_step + 1
         )
         # Created by start_bar, so start-up messages print as plain lines.
-        self._want_bar = progress_bar
+        self._want_bar = self._console = progress_bar
 
     def eta_seconds(self, step: int) -> float:
         """Remaining time extrapolated from this run's own steps (restarts included)."""
@@ -157,11 +158,11 @@ class MetricsLogger:
                 self.close_bar()  # closing draws the final state once
             else:
                 self._bar.refresh()
-        elif self._bar is not None:
+        elif kind != "train" and self._console:
             shown = ", ".join(
                 f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "time"
             )
-            self._bar.write(f"[{kind} @ step {step}] {shown}")
+            self.message(f"[{kind} @ step {step}] {shown}")  # also after the bar has closed
 
     def start_bar(self, step: int) -> None:
         """Show the bar before the first step, at ``step``, marked as compiling (process 0,
