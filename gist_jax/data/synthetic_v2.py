@@ -539,16 +539,16 @@ def _composed(pair: tuple[str, str], rng: random.Random, held_out_arg: bool | No
     return Spec(pair, slots, _sentence(rng.choice(_CONNECTIVES).format(a=a, b=b), rng))
 
 
-def _arg_partitions(name: str) -> tuple[bool, bool]:
+def arg_partitions(op: Op) -> tuple[bool, bool]:
     """(has training settings, has held-out settings) of an op's arguments."""
-    op, rng = OPS[name], random.Random(0)
+    rng = random.Random(0)
     held = {held_out_args(op, op.args(rng)) for _ in range(500)}
     return False in held, True in held
 
 
 # Trained ops whose arguments have settings on both sides (validation_recombined uses the
 # held-out ones); every trained op has training settings (tested).
-HELD_OUT_ARG_OPS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if all(_arg_partitions(n)))
+HELD_OUT_ARG_OPS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if all(arg_partitions(OPS[n])))
 
 
 def _spec_stream(split: str, rng: random.Random) -> Any:
