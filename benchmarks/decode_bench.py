@@ -1,4 +1,4 @@
-"""Measurement 2: greedy decoding throughput, ``gist_jax.decode.generate`` vs
+"""Measurement 2: greedy decoding throughput, ``gist_jax.inference.decode.generate`` vs
 ``transformers`` ``generate``, same weights, same prompts, same run.
 
 Each call decodes ``new_tokens`` tokens (EOS does not stop either side: gist_jax gets no
@@ -18,7 +18,7 @@ import numpy as np
 
 from benchmarks import common, inputs
 from benchmarks.common import BenchModel
-from gist_jax import decode
+from gist_jax.inference import decode
 
 JAX, TORCH = "gist_jax", "transformers"
 
@@ -40,7 +40,7 @@ def make_prompts(model: BenchModel, count: int, length: int) -> list[list[int]]:
 
 
 class JaxDecoder:
-    """``gist_jax.decode.generate`` on fixed prompts (greedy, no EOS stop)."""
+    """``gist_jax.inference.decode.generate`` on fixed prompts (greedy, no EOS stop)."""
 
     def __init__(self, model: BenchModel, prompts: list[list[int]], new_tokens: int):
         self.model, self.prompts, self.new_tokens = model, prompts, new_tokens

@@ -9,7 +9,7 @@ decoder's prefill does, under three conditions:
   keys/values (taken from the ``no_caching`` pass: under a causal mask the instruction's
   keys/values do not depend on what follows);
 * ``gist_caching``: only the input is run; it attends to the k gist tokens' keys/values
-  made by ``gist_jax.compress.compress``, at the positions the gist model gives it.
+  made by ``gist_jax.gist_cache.compress``, at the positions the gist model gives it.
 
 Per condition: FLOPs from XLA's cost analysis of the compiled computation (one executable
 per distinct shape; compile time reported), median latency over interleaved repetitions,
@@ -31,7 +31,8 @@ import numpy as np
 
 from benchmarks import common, inputs
 from benchmarks.common import BenchModel
-from gist_jax import compress, gist
+from gist_jax import gist
+from gist_jax.inference import gist_cache
 from gist_jax.models import llama
 from gist_jax.models.attention import KVCache
 from gist_jax.models.family import family_of
@@ -126,7 +127,7 @@ def run(
         raise ValueError(f"{model.name} has no gist token id")
     prompts, dataset = load_prompts(model, num_examples, num_gist, alpaca_dir)
     gist_id = cfg.gist_token_id
-    gist_cache = compress.compress(cfg, model.params, [p.instruction for p in prompts])
+    cache = gist_cache.compress(cfg, model.params, [p.instruction for p in prompts])
     exes = _Executables(cfg)
     no_gist = _row([gist.NO_GIST])[0]
     per_prompt: list[dict[str, Any]] = []
@@ -163,9 +164,9 @@ def run(
             no_gist,
             instr_cache,
         )
-        gist_pos = [int(x) for x in np.asarray(gist_cache.positions[i])]
+        gist_pos = [int(x) for x in np.asarray(cache.positions[i])]
         g_cache = _cache_with_prefix(
-            cfg, gist_cache.k[:, i : i + 1], gist_cache.v[:, i : i + 1], gist_pos, n_in
+            cfg, cache.k[:, i : i + 1], cache.v[:, i : i + 1], gist_pos, n_in
         )
         last = gist_pos[-1]
         args["gist_caching"] = (

@@ -98,7 +98,7 @@ def split_prompts(
     max_length: int = 512,
 ) -> list[SplitPrompt]:
     """Prompts (no completion) of ``split`` cut after their gist tokens."""
-    from gist_jax.compress import split_prompt
+    from gist_jax.inference.gist_cache import split_prompt
 
     encoded = encoded_examples(
         tokenizer, split, num_examples, num_gist, max_length, source, with_completion=False

@@ -39,8 +39,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from gist_jax import compress, decode, gist, metrics
+from gist_jax import gist, metrics
 from gist_jax.cli.entry import run_app
+from gist_jax.inference import decode, gist_cache, programs
 from gist_jax.models.family import family_of
 
 EVAL_DIR = "eval"
@@ -111,15 +112,15 @@ def _decode_condition(
 ) -> list[decode.Generation]:
     if condition == "gist" and num_gist > 0:
         # The deployed path: compress each distinct instruction once, decode from the cache.
-        shared = compress.dedupe_prompts(split.prompts, model_config.gist_token_id)
-        cache = compress.compress(
+        shared = gist_cache.dedupe_prompts(split.prompts, model_config.gist_token_id)
+        cache = gist_cache.compress(
             model_config,
             params,
             shared.prompts,
             batch_size=kwargs["batch_size"],
             mesh=kwargs["mesh"],
         )
-        return compress.generate(
+        return gist_cache.generate(
             model_config, params, cache.take(shared.rows), shared.inputs, **kwargs
         )
     return decode.generate(model_config, params, split.prompts, condition=condition, **kwargs)
@@ -165,7 +166,7 @@ def run_evaluation(
         gist.check_condition(condition)
     if num_gist > 0 and model_config.gist_token_id is None:
         raise ValueError("num_gist > 0 but the model config has no gist_token_id")
-    compiles_before = collections.Counter(decode.TRACE_COUNTS)
+    compiles_before = collections.Counter(programs.TRACE_COUNTS)
     start = time.perf_counter()
     kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, mesh=mesh)
     params = decode.place_params(params, model_config, mesh)
@@ -214,7 +215,7 @@ def run_evaluation(
                 )
     compiles = {
         k: v - compiles_before.get(k, 0)
-        for k, v in decode.TRACE_COUNTS.items()
+        for k, v in programs.TRACE_COUNTS.items()
         if v - compiles_before.get(k, 0)
     }
     run = {

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from fixtures_gist import BATCH, MAX_NEW, SPECS, TOL, K, llama_model, make_examples, t5_model
 
-from gist_jax import compress, decode
-from gist_jax.compress import GistCacheError
+from gist_jax.inference import decode, gist_cache
+from gist_jax.inference.gist_cache import GistCacheError
 from gist_jax.models import llama
 from gist_jax.models.family import family_of
 
@@ -52,13 +52,13 @@ ORDERS = (list(range(len(SPECS))), list(reversed(range(len(SPECS)))))
 def _run(config, params, examples: list[list[int]], gist_id: int) -> dict:
     """Full decode of every example, and compressed decode in two example orders (so
     every example sits at different batch positions, next to different neighbours)."""
-    split = compress.dedupe_prompts(examples, gist_id)
-    cache = compress.compress(config, params, split.prompts, batch_size=BATCH)
+    split = gist_cache.dedupe_prompts(examples, gist_id)
+    cache = gist_cache.compress(config, params, split.prompts, batch_size=BATCH)
     kwargs = dict(max_new_tokens=MAX_NEW, return_logits=True, batch_size=BATCH, eos_token_ids=[])
     full = decode.generate(config, params, examples, **kwargs)
     compressed = []
     for order in ORDERS:
-        out = compress.generate(
+        out = gist_cache.generate(
             config,
             params,
             cache.take([split.rows[i] for i in order]),
@@ -87,7 +87,7 @@ def test_llama_gist_cache_contents(llama_run):
     assert cache.k.shape == (2, len(SPECS), K, 1, 16)  # [layers, B, k, KVH, head_dim]
     np.testing.assert_array_equal(np.asarray(cache.positions), [[p, p + 1] for p, _ in SPECS])
     # Row i of the cache is the i-th distinct prompt, whatever batch it was computed in.
-    alone = compress.compress(*llama_model(), [llama_run["split"].prompts[3]], batch_size=BATCH)
+    alone = gist_cache.compress(*llama_model(), [llama_run["split"].prompts[3]], batch_size=BATCH)
     np.testing.assert_allclose(np.asarray(alone.k[:, 0]), np.asarray(cache.k[:, 3]), atol=TOL)
 
 
@@ -162,13 +162,13 @@ def test_llama_shared_prompt_serves_many_inputs():
     the same instruction share one cache row."""
     config, params = llama_model()
     base = make_examples(fxl.GIST_ID, [])[1]
-    prompt, inputs = compress.split_prompt(base, fxl.GIST_ID)
+    prompt, inputs = gist_cache.split_prompt(base, fxl.GIST_ID)
     others = [inputs, inputs[:3], [*inputs[2:], 7, 8, 9]]
-    split = compress.dedupe_prompts([prompt + x for x in others], fxl.GIST_ID)
+    split = gist_cache.dedupe_prompts([prompt + x for x in others], fxl.GIST_ID)
     assert split.prompts == [prompt] and split.rows == [0, 0, 0]
-    cache = compress.compress(config, params, split.prompts, batch_size=BATCH)
+    cache = gist_cache.compress(config, params, split.prompts, batch_size=BATCH)
     kwargs = dict(max_new_tokens=MAX_NEW, batch_size=BATCH, eos_token_ids=[])
-    got = compress.generate(config, params, cache.take(split.rows), split.inputs, **kwargs)
+    got = gist_cache.generate(config, params, cache.take(split.rows), split.inputs, **kwargs)
     want = decode.generate(config, params, [prompt + x for x in others], **kwargs)
     assert [g.tokens for g in got] == [w.tokens for w in want]
 
@@ -181,41 +181,43 @@ def test_bad_prompts_are_rejected():
     config, params = llama_model()
     g = fxl.GIST_ID
     with pytest.raises(GistCacheError, match="prompt 1 has no gist token"):
-        compress.compress(config, params, [[5, 6, g, g], [5, 6, 7]])
+        gist_cache.compress(config, params, [[5, 6, g, g], [5, 6, 7]])
     with pytest.raises(GistCacheError, match=r"prompt 0: .*contiguous"):
-        compress.compress(config, params, [[5, g, 6, g]])
+        gist_cache.compress(config, params, [[5, g, 6, g]])
     with pytest.raises(GistCacheError, match="after its last gist token"):
-        compress.compress(config, params, [[5, g, g, 9]])
+        gist_cache.compress(config, params, [[5, g, g, 9]])
     with pytest.raises(GistCacheError, match="different numbers of gist tokens"):
-        compress.compress(config, params, [[5, g, g], [5, 6, g]])
+        gist_cache.compress(config, params, [[5, g, g], [5, 6, g]])
     with pytest.raises(GistCacheError, match="no gist_token_id"):
-        compress.compress(dataclasses.replace(config, gist_token_id=None), params, [[5, g]])
+        gist_cache.compress(dataclasses.replace(config, gist_token_id=None), params, [[5, g]])
     with pytest.raises(GistCacheError, match="has no gist token"):
-        compress.split_prompt([4, 5, 6], g)
+        gist_cache.split_prompt([4, 5, 6], g)
     with pytest.raises(ValueError, match="contiguous"):
-        compress.split_prompt([4, g, 5, g, 6], g)
+        gist_cache.split_prompt([4, g, 5, g, 6], g)
 
 
 def test_bad_inputs_are_rejected():
     config, params = llama_model()
     g = fxl.GIST_ID
-    cache = compress.compress(config, params, [[5, 6, g, g], [7, g, g]], batch_size=BATCH)
+    cache = gist_cache.compress(config, params, [[5, 6, g, g], [7, g, g]], batch_size=BATCH)
     kwargs = dict(max_new_tokens=MAX_NEW, batch_size=BATCH)
     with pytest.raises(GistCacheError, match="max_input_length=16"):
-        compress.generate(config, params, cache, [[9, 9], [9] * 17], max_input_length=16, **kwargs)
+        gist_cache.generate(
+            config, params, cache, [[9, 9], [9] * 17], max_input_length=16, **kwargs
+        )
     with pytest.raises(GistCacheError, match="1 inputs for a gist cache of 2"):
-        compress.generate(config, params, cache, [[9]], max_new_tokens=2)
+        gist_cache.generate(config, params, cache, [[9]], max_new_tokens=2)
     with pytest.raises(GistCacheError, match="input 1 is empty"):
-        compress.generate(config, params, cache, [[9], []], max_new_tokens=2)
+        gist_cache.generate(config, params, cache, [[9], []], max_new_tokens=2)
     with pytest.raises(GistCacheError, match="input 0 contains a gist token"):
-        compress.generate(config, params, cache, [[9, g], [9]], max_new_tokens=2)
+        gist_cache.generate(config, params, cache, [[9, g], [9]], max_new_tokens=2)
     with pytest.raises(GistCacheError, match="beyond max_position_embeddings=64"):
-        compress.generate(config, params, cache, [[9] * 50, [9]], max_new_tokens=20)
+        gist_cache.generate(config, params, cache, [[9] * 50, [9]], max_new_tokens=20)
     t5_config, t5_params = t5_model()
     with pytest.raises(GistCacheError, match="llama gist cache cannot be decoded by a t5"):
-        compress.generate(t5_config, t5_params, cache, [[9], [9]], max_new_tokens=2)
+        gist_cache.generate(t5_config, t5_params, cache, [[9], [9]], max_new_tokens=2)
     # With a fixed input length, any input up to it decodes (one compile for all).
-    out = compress.generate(
+    out = gist_cache.generate(
         config, params, cache, [[9, 9], [9] * 16], max_input_length=16, eos_token_ids=[], **kwargs
     )
     assert [len(o.tokens) for o in out] == [MAX_NEW, MAX_NEW]
@@ -224,12 +226,12 @@ def test_bad_inputs_are_rejected():
 def test_cache_bytes_formula():
     config, params = llama_model()
     g = fxl.GIST_ID
-    cache = compress.compress(config, params, [[5, 6, g, g]], batch_size=BATCH)
+    cache = gist_cache.compress(config, params, [[5, 6, g, g]], batch_size=BATCH)
     # k * layers * 2 * kv_heads * head_dim * 4 bytes
     assert cache.nbytes_per_prompt() == 2 * 2 * 2 * 1 * 16 * 4
     assert family_of(config).cache_bytes(config, 2) == cache.nbytes_per_prompt()
     t5_config, t5_params = t5_model()
-    t5_cache = compress.compress(
+    t5_cache = gist_cache.compress(
         t5_config, t5_params, [[5, 6, fxt.GIST_ID, fxt.GIST_ID]], batch_size=BATCH
     )
     assert family_of(t5_config).cache_bytes(t5_config, 2) == t5_cache.nbytes_per_prompt()

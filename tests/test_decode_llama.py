@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gist_jax import decode, sharding
+from gist_jax import sharding
 from gist_jax.convert import llama as convert_llama
 from gist_jax.convert import loading
-from gist_jax.decode import SamplingConfig
+from gist_jax.inference import decode, programs
+from gist_jax.inference.decode import SamplingConfig
 
 MAX_NEW = 12
 
@@ -126,7 +127,7 @@ def test_loop_stops_when_every_example_is_done():
     none = np.full(len(prompts), -1, np.int32)
     # Every token is an EOS: every row finishes with its first token; the loop never runs.
     opts = decode.make_options(config, MAX_NEW, eos_token_ids=range(fx.VOCAB))
-    out = decode.llama_generate_arrays(
+    out = programs.llama_generate_arrays(
         params, ids, pos, none, none, jax.random.key(0), None, config=config, opts=opts
     )
     assert int(out.loop.steps) == 1
@@ -134,7 +135,7 @@ def test_loop_stops_when_every_example_is_done():
     assert np.asarray(out.loop.finished).all()
     # Without EOS the loop runs to max_new_tokens.
     opts = decode.make_options(config, MAX_NEW, eos_token_ids=[])
-    out = decode.llama_generate_arrays(
+    out = programs.llama_generate_arrays(
         params, ids, pos, none, none, jax.random.key(0), None, config=config, opts=opts
     )
     assert int(out.loop.steps) == MAX_NEW
@@ -146,7 +147,7 @@ def test_sampling_rules():
     keys = jax.random.key(0)
 
     def freq(sampling):
-        tokens = np.asarray(decode.sample_logits(logits, keys, sampling))
+        tokens = np.asarray(programs.sample_logits(logits, keys, sampling))
         return np.bincount(tokens, minlength=4) / len(tokens)
 
     np.testing.assert_array_equal(freq(SamplingConfig()), [1, 0, 0, 0])  # greedy
@@ -206,12 +207,12 @@ def test_decoding_on_a_sharded_mesh_matches_single_device():
 def test_length_buckets_bound_the_compiles():
     _, config, params = tiny()
     assert [decode.bucket_length(n) for n in (1, 16, 17, 33, 100)] == [16, 16, 32, 64, 128]
-    before = decode.TRACE_COUNTS["llama_generate"]
+    before = programs.TRACE_COUNTS["llama_generate"]
     # Lengths 3..30 with a fixed batch size fall in two buckets (16 and 32).
     lengths = [3, 30, 7, 20, 12, 25, 16, 17, 5]
     decode.generate(config, params, _prompts(lengths), max_new_tokens=4, batch_size=3)
     decode.generate(config, params, _prompts([4, 31, 9], seed=3), max_new_tokens=4, batch_size=3)
-    assert decode.TRACE_COUNTS["llama_generate"] - before == 2
+    assert programs.TRACE_COUNTS["llama_generate"] - before == 2
 
 
 def test_bad_prompts_are_rejected():

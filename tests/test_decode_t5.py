@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gist_jax import decode
 from gist_jax.convert import t5 as convert_t5
+from gist_jax.inference import decode
 
 MAX_NEW = 10
 

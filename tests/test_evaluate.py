@@ -16,7 +16,8 @@ from unittest import mock
 import jax
 import pytest
 
-from gist_jax import compress, decode, evaluate, gist, metrics, train
+from gist_jax import evaluate, gist, metrics, train
+from gist_jax.inference import decode, gist_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SPLITS = ("validation_seen", "validation_unseen")
@@ -44,7 +45,7 @@ def llama_eval(tiny_llama, tmp_path_factory):
     config, loaded, params = tiny_llama
     splits = evaluate.load_splits(config, SPLITS, N)
     out = tmp_path_factory.mktemp("eval") / "eval" / "7"
-    with mock.patch.object(compress, "compress", wraps=compress.compress) as spy:
+    with mock.patch.object(gist_cache, "compress", wraps=gist_cache.compress) as spy:
         result = evaluate.evaluate(
             loaded.config, params, loaded.tokenizer, splits, out_dir=out, step=7, **SETTINGS
         )

@@ -11,10 +11,12 @@ import pathlib
 import jax
 import pytest
 
-from gist_jax import decode, gist_store, tiny_tokenizer
+from gist_jax import tiny_tokenizer
 from gist_jax.cli import gist_compress, gist_generate
 from gist_jax.cli import prompts as prompts_lib
 from gist_jax.convert import common
+from gist_jax.inference import decode
+from gist_jax.inference import store as gist_store
 from gist_jax.models import llama
 from gist_jax.models.family import LLAMA
 

@@ -14,18 +14,20 @@ import numpy as np
 import pytest
 from fixtures_gist import BATCH, MAX_NEW, K, llama_model, make_examples, t5_model
 
-from gist_jax import compress, gist_store, sharding
-from gist_jax.gist_store import GistStore, StoreError, StoreMismatchError
+from gist_jax import sharding
+from gist_jax.inference import decode, gist_cache
+from gist_jax.inference import store as gist_store
+from gist_jax.inference.store import GistStore, StoreError, StoreMismatchError
 from gist_jax.models import llama
 from gist_jax.models.family import family_of
 
 
 def _llama_prompts() -> tuple[list[list[int]], list[list[int]], list[int]]:
-    split = compress.dedupe_prompts(make_examples(fxl.GIST_ID, []), fxl.GIST_ID)
+    split = gist_cache.dedupe_prompts(make_examples(fxl.GIST_ID, []), fxl.GIST_ID)
     return split.prompts, split.inputs, split.rows
 
 
-def _assert_same_cache(a: compress.GistCache, b: compress.GistCache) -> None:
+def _assert_same_cache(a: gist_cache.GistCache, b: gist_cache.GistCache) -> None:
     a, b = a.to_numpy(), b.to_numpy()
     for name in ("k", "v", "positions", "hidden"):
         x, y = getattr(a, name), getattr(b, name)
@@ -41,7 +43,7 @@ def llama_store(tmp_path_factory):
     config, params = llama_model()
     prompts, _, _ = _llama_prompts()
     store = GistStore.open(tmp_path_factory.mktemp("store") / "gists", config, params, num_gist=K)
-    fresh = compress.compress(config, params, prompts, batch_size=BATCH)
+    fresh = gist_cache.compress(config, params, prompts, batch_size=BATCH)
     keys = store.put(fresh, prompts, texts=[f"prompt {i}" for i in range(len(prompts))])
     return store, keys, fresh
 
@@ -67,10 +69,10 @@ def test_generation_from_store_equals_fresh_compression(llama_store):
     _, inputs, rows = _llama_prompts()
     reopened = GistStore.open(store.path, config, params)
     kwargs = dict(max_new_tokens=MAX_NEW, batch_size=BATCH, return_logits=True, eos_token_ids=[])
-    from_disk = compress.generate(
+    from_disk = gist_cache.generate(
         config, params, reopened.get([keys[r] for r in rows]), inputs, **kwargs
     )
-    from_fresh = compress.generate(config, params, fresh.take(rows), inputs, **kwargs)
+    from_fresh = gist_cache.generate(config, params, fresh.take(rows), inputs, **kwargs)
     for a, b in zip(from_disk, from_fresh, strict=True):
         assert a.tokens == b.tokens
         np.testing.assert_array_equal(a.logits, b.logits)
@@ -89,16 +91,16 @@ def test_bytes_per_prompt(llama_store):
 
 def test_t5_round_trip_and_generation(tmp_path):
     config, params = t5_model()
-    split = compress.dedupe_prompts(make_examples(fxt.GIST_ID, [fxt.EOS_ID]), fxt.GIST_ID)
+    split = gist_cache.dedupe_prompts(make_examples(fxt.GIST_ID, [fxt.EOS_ID]), fxt.GIST_ID)
     store = GistStore.open(tmp_path / "t5", config, params, num_gist=K)
     keys = store.add(config, params, split.prompts, batch_size=BATCH)
-    fresh = compress.compress(config, params, split.prompts, batch_size=BATCH)
+    fresh = gist_cache.compress(config, params, split.prompts, batch_size=BATCH)
     loaded = store.get(keys)
     assert loaded.hidden is not None
     _assert_same_cache(loaded, fresh)
     kwargs = dict(max_new_tokens=MAX_NEW, batch_size=BATCH, eos_token_ids=[])
-    a = compress.generate(config, params, loaded.take(split.rows), split.inputs, **kwargs)
-    b = compress.generate(config, params, fresh.take(split.rows), split.inputs, **kwargs)
+    a = gist_cache.generate(config, params, loaded.take(split.rows), split.inputs, **kwargs)
+    b = gist_cache.generate(config, params, fresh.take(split.rows), split.inputs, **kwargs)
     assert [x.tokens for x in a] == [y.tokens for y in b]
     assert store.bytes_per_prompt() == fresh.nbytes_per_prompt()
 
@@ -134,7 +136,6 @@ def test_fingerprint_ignores_layout_and_sharding():
         gist_store.model_fingerprint(dataclasses.replace(config, scan_layers=True), scanned) == base
     )
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    from gist_jax import decode
 
     placed = decode.place_params(params, config, mesh)
     assert gist_store.model_fingerprint(config, placed) == base
@@ -147,7 +148,7 @@ def test_writes_are_atomic_and_only_missing_prompts_are_compressed(tmp_path, mon
     config, params = llama_model()
     prompts, _, _ = _llama_prompts()
     store = GistStore.open(tmp_path / "s", config, params, num_gist=K)
-    cache = compress.compress(config, params, prompts[:2], batch_size=BATCH)
+    cache = gist_cache.compress(config, params, prompts[:2], batch_size=BATCH)
 
     def broken(path, array):
         raise OSError("disk full")
@@ -161,13 +162,13 @@ def test_writes_are_atomic_and_only_missing_prompts_are_compressed(tmp_path, mon
 
     store.put(cache, prompts[:2])
     compressed: list[int] = []
-    real = compress.compress
+    real = gist_cache.compress
 
     def counting(config, params, rows, **kwargs):
         compressed.append(len(rows))
         return real(config, params, rows, **kwargs)
 
-    monkeypatch.setattr(compress, "compress", counting)
+    monkeypatch.setattr(gist_cache, "compress", counting)
     keys = store.add(config, params, prompts, batch_size=BATCH)
     assert compressed == [len(prompts) - 2]
     assert store.keys() == sorted(keys)

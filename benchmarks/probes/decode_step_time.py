@@ -1,4 +1,4 @@
-"""Split greedy decoding time into prefill and per-token steps: ``gist_jax.decode.generate``
+"""Split greedy decoding time into prefill and per-token steps: ``gist_jax.inference.decode.generate``
 (and optionally ``transformers`` ``generate``) on the benchmark's 64-token prompts, timed
 with 1 and with 64 new tokens; the per-step time is their difference / 63. Interleaved
 repetitions (``benchmarks.common.measure``), medians printed. Run it under

@@ -5,7 +5,7 @@
 
 ``--prompts`` is JSON lines, one instruction per line: ``{"instruction": "..."}`` (extra
 keys ignored) or a bare JSON string. Each instruction is templated as in training, run
-once, and its k gist tokens' keys/values are saved in the store (``gist_jax.gist_store``),
+once, and its k gist tokens' keys/values are saved in the store (``gist_jax.inference.store``),
 keyed by the prompt's token ids and the model. Prompts already in the store are skipped.
 Prints one line per instruction (key, prompt tokens, text) and the bytes per cached
 prompt against caching the whole prompt.
@@ -20,9 +20,9 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from gist_jax import gist_store
 from gist_jax.cli import prompts as prompts_lib
 from gist_jax.cli.entry import run_app
+from gist_jax.inference import store as gist_store
 from gist_jax.models.family import family_of
 
 

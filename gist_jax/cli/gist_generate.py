@@ -21,9 +21,10 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from gist_jax import compress, decode, gist_store
 from gist_jax.cli import prompts as prompts_lib
 from gist_jax.cli.entry import run_app
+from gist_jax.inference import gist_cache, programs
+from gist_jax.inference import store as gist_store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ def generate_texts(
     store_dir: str | os.PathLike | None = None,
     num_gist: int | None = None,
     max_new_tokens: int = 128,
-    sampling: decode.SamplingConfig | None = None,
+    sampling: programs.SamplingConfig | None = None,
     seed: int = 0,
     batch_size: int = 16,
     max_length: int = 512,
@@ -101,12 +102,12 @@ def generate_texts(
     fresh = None
     if texts:
         prompts = prompts_lib.instruction_prompts(config, tokenizer, texts, num_gist, max_length)
-        fresh = compress.compress(config, params, prompts, batch_size=batch_size).to_numpy()
+        fresh = gist_cache.compress(config, params, prompts, batch_size=batch_size).to_numpy()
     keys = list(dict.fromkeys(r.prompt_id for r in requests if r.prompt_id is not None))
     stored = store.get(keys) if keys else None
     # One cache: the fresh rows, then the stored ones; each request points at its row.
     caches = [c for c in (fresh, stored) if c is not None]
-    cache = compress.GistCache.concatenate(caches)
+    cache = gist_cache.GistCache.concatenate(caches)
     rows = [
         texts.index(r.instruction)
         if r.instruction is not None
@@ -116,7 +117,7 @@ def generate_texts(
     inputs = prompts_lib.input_tokens(
         config, tokenizer, [r.input for r in requests], num_gist, max_length
     )
-    outputs = compress.generate(
+    outputs = gist_cache.generate(
         config,
         params,
         cache.take(rows),
@@ -142,7 +143,7 @@ def main(argv: Sequence[str], flag_values: Any = None) -> None:
         if (f.instruction is None) == (f.prompt_id is None):
             raise app.UsageError("give exactly one of --instruction / --prompt_id")
         requests = [Request(f.input, f.instruction, f.prompt_id)]
-    sampling = decode.SamplingConfig(f.temperature, f.top_k, f.top_p)
+    sampling = programs.SamplingConfig(f.temperature, f.top_k, f.top_p)
     config, params, tokenizer = prompts_lib.load_model(f.checkpoint)
     outputs = generate_texts(
         config,

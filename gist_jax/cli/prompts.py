@@ -15,7 +15,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from gist_jax import compress
+from gist_jax.inference import decode, gist_cache
 
 # Stands in for the instruction when only the input's tokens are wanted.
 _PLACEHOLDER = "x"
@@ -26,7 +26,6 @@ def load_model(checkpoint: str | os.PathLike) -> tuple[Any, Any, Any]:
     bundled default model when ``checkpoint == "default"``: with unrolled layers (the
     decoding layout evaluation uses, whatever layout the checkpoint stores) and the params
     placed on the device once."""
-    from gist_jax import decode
     from gist_jax.convert import loading
 
     if str(checkpoint) == "default":
@@ -67,7 +66,7 @@ def instruction_prompts(
             raise ValueError(f"instruction {i} is empty or not a string: {text!r}")
     examples = [{"instruction": t, "input": "", "output": ""} for t in instructions]
     rows = _encode(config, tokenizer, examples, num_gist, max_length)
-    return [compress.split_prompt(row, config.gist_token_id)[0] for row in rows]
+    return [gist_cache.split_prompt(row, config.gist_token_id)[0] for row in rows]
 
 
 def input_tokens(
@@ -76,4 +75,4 @@ def input_tokens(
     """Token ids that follow the gist tokens for each input text."""
     examples = [{"instruction": _PLACEHOLDER, "input": x, "output": ""} for x in inputs]
     rows = _encode(config, tokenizer, examples, num_gist, max_length)
-    return [compress.split_prompt(row, config.gist_token_id)[1] for row in rows]
+    return [gist_cache.split_prompt(row, config.gist_token_id)[1] for row in rows]

@@ -16,10 +16,10 @@ full masked forward pass: logits agree with the uncompressed ``gist``-condition 
 float rounding (tested at 1e-5 per example, in batches with different prompt lengths,
 gist positions and paddings), and greedy outputs are identical.
 
-Batching: every example keeps its own gist positions; the gist slots are the first k slots
-of the decode cache (``decode.CachePrefix`` / ``decode.EncoderPrefix``), and the input
-tokens are right padded after them, so one compiled program serves a batch whose
-prompts had different lengths. All prompts of one ``GistCache`` have the same k.
+Batching: every example keeps its own gist positions; decoding is ``decode.generate`` with
+the cache as its *prefix*: the gist slots are the first k slots of the decode cache and
+the input tokens are right padded after them, so one compiled program serves a batch
+whose prompts had different lengths. All prompts of one ``GistCache`` have the same k.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gist_jax import decode, gist, sharding
-from gist_jax.decode import Generation, SamplingConfig
+from gist_jax import gist
+from gist_jax.inference import decode
+from gist_jax.inference.decode import Generation
+from gist_jax.inference.programs import TRACE_COUNTS, SamplingConfig, rules_context
 from gist_jax.models.attention import KVCache
 from gist_jax.models.family import family_of
 
@@ -131,10 +133,6 @@ class GistCache:
 
 
 # ---------------------------------------------------------------------------------------
-# Bytes
-
-
-# ---------------------------------------------------------------------------------------
 # Splitting and checking prompts
 
 
@@ -179,7 +177,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], gist_token_id: int | None) -
             raise GistCacheError(
                 f"prompt {i} has {ids.size - 1 - where[-1]} token(s) after its last gist token "
                 f"(position {where[-1]} of {ids.size}); those belong to the input -- use "
-                "compress.split_prompt"
+                "gist_cache.split_prompt"
             )
         counts.append(where.size)
     if len(set(counts)) != 1:
@@ -205,8 +203,8 @@ def _llama_compress(
     num_gist: int,
     rules: Any,
 ) -> GistCache:
-    decode.TRACE_COUNTS["llama_compress"] += 1
-    with decode._rules_context(rules):
+    TRACE_COUNTS["llama_compress"] += 1
+    with rules_context(rules):
         model = family_of(config).build(config)
         batch, length = input_ids.shape
         cache = KVCache.empty(
@@ -244,8 +242,8 @@ def _t5_compress(
     num_gist: int,
     rules: Any,
 ) -> GistCache:
-    decode.TRACE_COUNTS["t5_compress"] += 1
-    with decode._rules_context(rules):
+    TRACE_COUNTS["t5_compress"] += 1
+    with rules_context(rules):
         model = family_of(config).build(config)
         mask = gist.encoder_self_mask(positions, positions, first, last, "gist")
         out = model.apply(
@@ -291,17 +289,17 @@ def compress(
     gist_id = config.gist_token_id if gist_token_id is None else gist_token_id
     num_gist = check_prompts(prompts, gist_id)
     fn = _ENCDEC_COMPRESS if family_of(config).encoder_decoder else _DECODER_COMPRESS
-    rules = None  # activation constraints: see gist_jax.decode's module docstring
+    rules = None  # activation constraints: see gist_jax.inference.decode's module docstring
     pad_id = decode.default_pad_id(config)
     batch_size = decode.round_up(batch_size or len(prompts), decode.batch_multiple(mesh))
     params = decode.place_params(params, config, mesh)
     parts: list[GistCache] = []
     order: list[int] = []
-    filler = [gist_id] * num_gist  # a valid prompt keeps filler rows well defined
-    for chunk in decode.batches(len(prompts), batch_size, [len(p) for p in prompts]):
-        rows = [list(prompts[i]) for i in chunk]
-        rows += [filler] * (batch_size - len(rows))
-        ids, positions = decode.pad_rows(rows, decode.bucket_length(max(map(len, rows))), pad_id)
+    for chunk, rows in decode.padded_batches([len(p) for p in prompts], batch_size):
+        tokens = [list(prompts[i]) for i in rows]
+        ids, positions = decode.pad_rows(
+            tokens, decode.bucket_length(max(map(len, tokens))), pad_id
+        )
         first, last = gist.gist_spans(np.where(positions >= 0, ids, -1), gist_id)
         args = [decode.place_batch(a, mesh) for a in (ids, positions, first, last)]
         with decode.mesh_context(mesh):
@@ -385,86 +383,22 @@ def generate(
     (``prompt_logits``, LLaMA) and each generated token's logits. ``on_batch(n)`` is called
     after each batch with its number of inputs (a progress bar).
     """
-    gist_id = config.gist_token_id
-    _check_inputs(config, cache, inputs, gist_id, max_input_length, max_new_tokens)
-    opts = decode.make_options(
+    _check_inputs(config, cache, inputs, config.gist_token_id, max_input_length, max_new_tokens)
+    return decode.generate(
         config,
-        max_new_tokens,
-        "gist",
-        sampling,
-        eos_token_ids,
-        None,
-        return_logits,
+        params,
+        inputs,
+        prefix=cache,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        seed=seed,
+        batch_size=batch_size,
+        mesh=mesh,
+        return_logits=return_logits,
+        eos_token_ids=eos_token_ids,
+        input_length=max_input_length,
+        on_batch=on_batch,
     )
-    batch_size = decode.round_up(batch_size or len(inputs), decode.batch_multiple(mesh))
-    params = decode.place_params(params, config, mesh)
-    host_pos = np.asarray(decode.to_host(cache.positions))
-    rng = jax.random.key(seed)
-    results: list[Generation | None] = [None] * len(inputs)
-    for number, chunk in enumerate(
-        decode.batches(len(inputs), batch_size, [len(r) for r in inputs])
-    ):
-        # Filler rows repeat the chunk's first example (a well-formed cache row).
-        rows = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
-        row_inputs = [list(inputs[i]) for i in rows]
-        length = max_input_length or decode.bucket_length(max(map(len, row_inputs)))
-        starts = host_pos[rows, -1] + 1
-        ids, positions = decode.pad_rows(row_inputs, length, opts.pad_id, starts)
-        part = cache.take(rows)
-        first = host_pos[rows, 0].astype(np.int32)
-        last = host_pos[rows, -1].astype(np.int32)
-        key = jax.random.fold_in(rng, number)
-        place = functools.partial(_place_rows, mesh=mesh)
-        args = [decode.place_batch(a, mesh) for a in (ids, positions, first, last)]
-        with decode.mesh_context(mesh):
-            if family_of(config).encoder_decoder:
-                prefix = decode.EncoderPrefix(
-                    k=place(part.k, axis=1),
-                    v=place(part.v, axis=1),
-                    hidden=place(part.hidden, axis=0),
-                    pos=place(part.positions, axis=0),
-                )
-                out = decode.t5_generate_arrays(
-                    params,
-                    *args,
-                    key,
-                    prefix,
-                    config=config,
-                    opts=opts,
-                    start_id=decode.t5_start_id(config),
-                )
-                prompt_logits = None
-            else:
-                prefix = decode.CachePrefix(
-                    k=place(part.k, axis=1),
-                    v=place(part.v, axis=1),
-                    pos=place(part.positions, axis=0),
-                )
-                out = decode.llama_generate_arrays(
-                    params, *args, key, prefix, config=config, opts=opts
-                )
-                prompt_logits = out.prompt_logits
-        chunk_results = decode._results(
-            out.loop, len(chunk), prompt_logits, [len(r) for r in row_inputs]
-        )
-        for i, result in zip(chunk, chunk_results, strict=True):
-            results[i] = result
-        if on_batch is not None:
-            on_batch(len(chunk))
-    return results  # type: ignore[return-value]
-
-
-def _place_rows(x: Any, axis: int, mesh: jax.sharding.Mesh | None) -> jax.Array:
-    """A cache array with its batch axis at ``axis`` split over the mesh's batch axes."""
-    if mesh is None:
-        return jnp.asarray(x)
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return x
-    host = np.asarray(x)
-    spec = [None] * host.ndim
-    spec[axis] = sharding.batch_spec(mesh, 1)[0]
-    target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
 
 
 @dataclasses.dataclass

@@ -45,11 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gist_jax import compress as compress_lib
-from gist_jax.compress import GistCache
+from gist_jax.inference import gist_cache
+from gist_jax.inference.gist_cache import GistCache
 from gist_jax.models.family import config_from_dict, family_named, family_of
 
-FORMAT = "gist_jax.gist_store/1"
+FORMAT = "gist_jax.inference.store/1"
 STORE_FILE = "store.json"
 PROMPTS_DIR = "prompts"
 # Config fields that change how a model runs, not what it computes.
@@ -382,7 +382,7 @@ class GistStore:
         self.check_model(config, model_fingerprint(config, params))
         missing = [i for i, p in enumerate(prompts) if self.key(p) not in self]
         if missing:
-            cache = compress_lib.compress(
+            cache = gist_cache.compress(
                 config, params, [prompts[i] for i in missing], batch_size=batch_size, mesh=mesh
             )
             self.put(
