@@ -36,7 +36,7 @@ class BenchOptions:
     train_batch: int = 8
     train_length: int = 128
     train_breakdown: bool = True
-    loss_chunk: int = 32  # = gist_jax.output_loss.DEFAULT_CHUNK (this module imports no jax)
+    loss_chunk: int = 32  # = gist_jax.train.output_loss.DEFAULT_CHUNK (this module imports no jax)
     decode_batches: tuple[int, ...] = (1, 16)
     prompt_length: int = 64
     new_tokens: int = 64

@@ -5,7 +5,7 @@ the q/k/v/o projections, the SwiGLU MLP, the attention scores and weighted value
 full ``length x length`` square (both implementations compute the whole square and mask
 it), and the output projection. A training step costs three forward passes (the backward
 pass computes gradients with respect to both activations and weights). gist_jax's train
-step runs the output layer only on chunks holding loss tokens (``gist_jax.output_loss``);
+step runs the output layer only on chunks holding loss tokens (``gist_jax.train.output_loss``);
 ``executed_train_step_flops`` counts what it really computes, ``train_step_flops`` the full
 model (what ``transformers`` computes, and the usual MFU numerator).
 """

@@ -97,7 +97,7 @@ def table(rows: Sequence[dict[str, Any]], top: int) -> str:
 
 # Train-step phases by the JAX transformation in an op's name: ``jvp(...)`` is the forward
 # pass, ``transpose(jvp(...))`` the backward pass, and the optimizer update runs inside the
-# step's ``lax.cond`` (gist_jax.train_step), so its ops start with ``cond/``.
+# step's ``lax.cond`` (gist_jax.train.step), so its ops start with ``cond/``.
 PHASES = (("backward", "transpose("), ("forward", "jvp("), ("optimizer", "cond/"))
 
 

@@ -22,7 +22,7 @@ from benchmarks import common, flops, inputs
 from benchmarks import peak as peak_mod
 from benchmarks.common import BenchModel
 from benchmarks.trainers import JaxTrainer, TorchTrainer
-from gist_jax import output_loss
+from gist_jax.train import output_loss
 
 JAX, TORCH = "gist_jax", "transformers"
 PEAK = "peak_matmul"

@@ -1,14 +1,14 @@
 """One training step in each framework, ready to be timed.
 
-``JaxTrainer`` runs the project's real step: ``gist_jax.train_step.make_train_step`` with
-the optimizer of ``gist_jax.optim`` (global-norm clipping + AdamW), jitted with the state
+``JaxTrainer`` runs the project's real step: ``gist_jax.train.step.make_train_step`` with
+the optimizer of ``gist_jax.train.optim`` (global-norm clipping + AdamW), jitted with the state
 donated as ``gist_jax.train`` does, on one device. ``TorchTrainer`` is the same step
 written the ordinary way for ``transformers``: forward with the same 4D gist mask (as
 HF's additive float mask, built by ``gist_jax.gist`` from the same batch), token cross
 entropy averaged over ``loss_mask``, ``backward``, ``clip_grad_norm_``, ``torch.optim.AdamW``
 (same hyper-parameters). Each trainer owns a private copy of the weights, so training
 does not move the weights other measurements use. The gist_jax step runs the output
-layer only on chunks that hold loss tokens (``gist_jax.output_loss``, the train config's
+layer only on chunks that hold loss tokens (``gist_jax.train.output_loss``, the train config's
 default); ``transformers`` computes logits for every position, as its models do.
 
 Both also expose the forward pass alone (loss) and forward + backward (loss and
@@ -26,10 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import BenchModel, timed
-from gist_jax import freezing, gist, optim, output_loss, train_step
+from gist_jax import gist
 from gist_jax.models import llama
 from gist_jax.models.family import LLAMA
-from gist_jax.train_state import TrainState
+from gist_jax.train import freezing, optim, output_loss
+from gist_jax.train import step as train_step
+from gist_jax.train.state import TrainState
 
 LR = 1e-5
 CLIP_NORM = 1.0
@@ -48,7 +50,7 @@ class JaxTrainer:
         loss_chunk: int = output_loss.DEFAULT_CHUNK,
         frozen_layers: int = 0,
     ):
-        """``frozen_layers``: train.frozen_layers (``gist_jax.freezing``); needs an unrolled
+        """``frozen_layers``: train.frozen_layers (``gist_jax.train.freezing``); needs an unrolled
         model (``model.with_runtime(scan_layers=False)``)."""
         cfg = model.config
         self.config = cfg

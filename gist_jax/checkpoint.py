@@ -231,7 +231,7 @@ class Checkpointer:
         self._empty_deleting()
         return saved
 
-    def check_compatible(self, step: int, abstract_state: Any) -> None:
+    def check_compatible(self, step: int, abstract_params: Any) -> None:
         """Raise ``CheckpointError`` listing the param arrays whose shapes differ."""
         try:
             saved = self._manager.item_metadata(step)["state"]
@@ -242,7 +242,7 @@ class Checkpointer:
         saved_tree = getattr(saved, "tree", saved)
         if not isinstance(saved_tree, Mapping) or "params" not in saved_tree:
             raise CheckpointError(f"{self.directory}/{step}: not a gist_jax train state checkpoint")
-        problems = _shape_problems(saved_tree["params"], abstract_state.params, "params")
+        problems = _shape_problems(saved_tree["params"], abstract_params, "params")
         if problems:
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} was written for a different model: "
@@ -256,7 +256,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        self.check_compatible(step, abstract_state)
+        self.check_compatible(step, abstract_state.params)
         try:
             restored = self._manager.restore(
                 step,
@@ -276,6 +276,33 @@ class Checkpointer:
                 f"changed?): {err}"
             ) from err
         return restored.state, dict(restored.data or {})
+
+    def restore_params(self, abstract_params: Any, logical_axes: Any, mesh: Any, step: int) -> Any:
+        """Only the params of the state saved at ``step`` (the optimizer state is not read),
+        placed with their logical-axis shardings on ``mesh``, or on the default device
+        without a mesh: what evaluation and serving need, whatever optimizer trained them."""
+        from gist_jax import sharding
+
+        if mesh is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, abstract_params)
+        else:
+            shardings = sharding.tree_shardings(abstract_params, logical_axes, mesh)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_params,
+            shardings,
+        )
+        self.check_compatible(step, target)
+        restored = ocp.PyTreeCheckpointer().restore(
+            self.directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
+                partial_restore=True,
+            ),
+        )
+        return restored["params"]
 
     def restore_latest(
         self, abstract_state: Any, warn: Callable[[str], None] = print

@@ -18,8 +18,8 @@ and ``gist`` decodes the full sequence too). Outputs, in ``OUT`` (``WORKDIR/eval
 
 Library use: ``evaluate(model_config, params, tokenizer, splits, conditions, ...)`` returns
 the metrics dict (and writes the files when given ``out_dir``); ``make_train_hook`` adapts
-it to the training loop (``--config.eval.hooks='("gist_jax.evaluate:make_train_hook",)'``). Every process runs it (decoding is sharded);
-process 0 writes the files.
+it to the training loop (``gist-train --config.eval.generate=True``). Every process runs it
+(decoding is sharded); process 0 writes the files.
 
     python -m gist_jax.evaluate --config=configs/tiny_llama.py --workdir=DIR [--checkpoint_step=N]
 """
@@ -471,8 +471,8 @@ def load_splits(
 
 
 def make_train_hook(config: Any) -> Any:
-    """Factory for ``eval.hooks = ("gist_jax.evaluate:make_train_hook",)``: a hook for
-    ``gist_jax.train.train_and_evaluate`` that evaluates the current params on the config's
+    """A hook for ``gist_jax.train.loop.train_and_evaluate`` (``gist-train`` passes it when
+    ``eval.generate`` is set) that evaluates the current params on the config's
     splits (loaded once, here), writes ``WORKDIR/eval/<step>``, and returns flat metrics
     ``"<split>/<condition>/rougeL"`` and ``.../exact_match`` for the training log."""
     splits = load_splits(config)
@@ -504,63 +504,14 @@ def make_train_hook(config: Any) -> Any:
 # Command line
 
 
-def load_for_eval(
-    config: Any, workdir: str | os.PathLike, checkpoint_step: int | None, mesh: Any
-) -> tuple[Any, Any, Any, int]:
-    """``(model_config, params, tokenizer, step)`` for evaluating a run.
-
-    With checkpoints in ``WORKDIR/checkpoints``: the params of ``checkpoint_step`` (default
-    the latest), restored onto ``mesh``. Without: the config's pretrained model (step 0).
-    """
-    from gist_jax import checkpoint as ckpt_lib
-    from gist_jax import optim, train
-    from gist_jax import train_state as ts
-    from gist_jax.convert import loading
-
-    loaded = train.load_model(config)
-    model_config = loaded.config
-    checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
-    try:
-        steps = checkpointer.all_steps()
-        if checkpoint_step is not None and checkpoint_step not in steps:
-            raise ckpt_lib.CheckpointError(
-                f"no checkpoint for step {checkpoint_step} in {checkpointer.directory} "
-                f"(steps: {sorted(steps)})"
-            )
-        if steps:
-            step = checkpoint_step if checkpoint_step is not None else max(steps)
-            # The train state's structure (optimizer state included) is needed to restore it.
-            axes = loaded.family.param_axes(model_config)
-            schedule = optim.make_schedule(config.train.lr, 1, config.train.schedule, 0)
-            optimizer = optim.make_optimizer(
-                schedule,
-                axes,
-                weight_decay=config.train.weight_decay,
-                clip_norm=config.train.clip_norm,
-            )
-            abstract = ts.abstract_state(loaded.family.abstract_params(model_config), optimizer)
-            shardings = ts.state_shardings(abstract, axes, mesh, optimizer)
-            state, _ = checkpointer.restore(ts.with_shardings(abstract, shardings), step)
-            return model_config, state.params, loaded.tokenizer, int(step)
-    finally:
-        checkpointer.close()
-    if loaded.checkpoint_dir is None:
-        raise ckpt_lib.CheckpointError(
-            f"no checkpoint in {pathlib.Path(workdir) / ckpt_lib.CHECKPOINT_DIR} and the config's "
-            "model is random init: nothing to evaluate"
-        )
-    _, params, _ = loading.load_checkpoint(
-        loaded.checkpoint_dir, scan_layers=model_config.scan_layers
-    )
-    return model_config, params, loaded.tokenizer, 0
-
-
 def _define_flags() -> None:
     from absl import flags
 
-    # --config, --workdir and the multi-process flags are gist_jax.train's (same meaning).
-    from gist_jax import train  # noqa: F401
+    from gist_jax.cli import run_flags
 
+    run_flags.define(
+        "The training config of the run", "The run's workdir (checkpoints; eval/ is written here)."
+    )
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to evaluate (default: latest).")
     flags.DEFINE_list("splits", None, "Splits (default: the config's eval.splits).")
     flags.DEFINE_list("conditions", None, f"Subset of {','.join(gist.CONDITIONS)} (default: all).")
@@ -571,27 +522,21 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     from absl import app, flags
 
-    from gist_jax import distributed, sharding
+    from gist_jax import model_loading, sharding
+    from gist_jax.cli import run_flags
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     if f.config is None or not f.workdir:
         raise app.UsageError("--config and --workdir are required")
-    distributed.initialize(
-        f.coordinator_address,
-        f.num_processes,
-        f.process_id,
-        f.distributed,
-        program="gist-eval",
-    )
+    run_flags.initialize_distributed("gist-eval")
     config = f.config
     mesh = sharding.make_mesh(
         {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
     )
-    model_config, params, tokenizer, step = load_for_eval(
-        config, f.workdir, f.checkpoint_step, mesh
-    )
+    loaded, params, step = model_loading.load_params(config, f.workdir, f.checkpoint_step, mesh)
+    model_config, tokenizer = loaded.config, loaded.tokenizer
     settings = settings_from_config(config)
     if f.conditions:
         settings["conditions"] = tuple(f.conditions)

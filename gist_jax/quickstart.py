@@ -538,14 +538,12 @@ def quickstart(
 
 
 # ---------------------------------------------------------------------------------------
-# Command line (--config and --workdir are gist_jax.train's flags)
+# Command line (the shared run flags: gist_jax.cli.run_flags)
 
 
 def main(argv: Sequence[str]) -> None:
     from absl import app, flags
     from absl import logging as absl_logging
-
-    from gist_jax import train  # noqa: F401  (defines --config and --workdir)
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -561,7 +559,12 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """Console script entry point (``gist-quickstart``)."""
-    from gist_jax import train  # noqa: F401  (defines --config and --workdir)
+    from gist_jax.cli import run_flags
+
+    run_flags.define(
+        "Config file (default: configs/quickstart.py's)",
+        "Directory for the three runs, the evaluation and the export.",
+    )
 
     run_app(main, "gist-quickstart")
 

@@ -23,7 +23,8 @@ import math
 
 import ml_collections
 
-from gist_jax import gist, output_loss
+from gist_jax import gist
+from gist_jax.train import output_loss
 
 # Model sources besides a directory path.
 DEFAULT_MODEL = "default"
@@ -87,11 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999
     c.train.eps = 1e-8
     # Decoder-only: run the output layer + cross-entropy only on chunks of this many
-    # positions per row that hold loss tokens (gist_jax.output_loss); 0 = all logits.
+    # positions per row that hold loss tokens (gist_jax.train.output_loss); 0 = all logits.
     c.train.loss_chunk = output_loss.DEFAULT_CHUNK
     # Partial fine-tuning (decoder-only, unrolled layers): N > 0 keeps the token embedding
     # and the first N layers at their pretrained values and never computes their
-    # gradients (gist_jax.freezing); 0 trains everything.
+    # gradients (gist_jax.train.freezing); 0 trains everything.
     c.train.frozen_layers = 0
     # What the step minimises: "lm" (cross-entropy on the completion), "distill" (context
     # distillation: KL(teacher || student), the teacher seeing the whole prompt, the
@@ -132,10 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.splits = ("validation_seen", "validation_unseen")
     c.eval.num_examples = 200  # per split; -1: all
     c.eval.batch_size = 16
-    # Extra evaluation hooks, "module:factory" strings: factory(config) returns a callable
-    # EvalContext -> {metric: value} run at every evaluation after the validation loss
-    # (e.g. generation metrics; see gist_jax.train.EvalContext).
-    c.eval.hooks = ()
+    # gist-train: at every evaluation also decode the splits under each condition and log
+    # ROUGE-L / exact match (gist_jax.evaluate.make_train_hook; files in WORKDIR/eval/STEP).
+    # Library callers pass train_and_evaluate(..., eval_hooks=[...]) instead.
+    c.eval.generate = False
     return c
 
 
@@ -206,9 +207,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", "expected 'float32' or 'bfloat16'")
     need(m.remat in ("none", "full", "dots"), "model.remat", "expected 'none', 'full' or 'dots'")
     need(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
-    for i, hook in enumerate(config.eval.hooks):
-        if not isinstance(hook, str) or hook.count(":") != 1:
-            problems.append(f"eval.hooks[{i}]={hook!r}: expected 'module:factory'")
     if m.checkpoint == RANDOM_INIT:
         need("model_type" in m.init, "model.init", "random init needs model.init.model_type")
     for axis in ("data", "fsdp", "tensor"):

@@ -22,13 +22,14 @@ import numpy as np
 import pytest
 from train_fixtures import REPO, quick_config
 
-from gist_jax import data, gist, tiny_tokenizer, train, train_config
+from gist_jax import data, gist, model_loading, tiny_tokenizer, train, train_config
 from gist_jax import sharding as shd
 from gist_jax.convert import common
 from gist_jax.convert.common import ConversionError
 from gist_jax.convert.from_hf import convert_from_hf
 from gist_jax.convert.to_hf import convert_to_hf
 from gist_jax.data.alpaca import DataFormatError
+from gist_jax.train import pipeline
 
 
 def _siblings(path: pathlib.Path) -> list[str]:
@@ -126,9 +127,9 @@ def test_training_start_reports_skipped_and_truncated_examples(tmp_path):
     _write_split(tmp_path / "data", "train", records)
     _write_split(tmp_path / "data", "validation_seen", [GOOD, GOOD])
     config = _data_config(tmp_path / "data")
-    loaded = train.load_model(config)
+    loaded = model_loading.load_model(config)
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    setup = train.build_data(config, loaded, mesh)
+    setup = pipeline.build_data(config, loaded, mesh)
     reports = "\n".join(setup.reports)
     assert "alpaca_plus_train.json: loaded 10, kept 8, dropped 2 " in reports, reports
     assert "(empty instruction 1, empty output 1)" in reports, reports

@@ -16,7 +16,7 @@ import pytest
 from train_fixtures import quick_config, step_losses
 
 from gist_jax import checkpoint as ckpt_lib
-from gist_jax import train
+from gist_jax import model_loading, train
 
 STEPS = 10
 STOP = 5
@@ -96,13 +96,13 @@ def test_restore_on_another_mesh(runs, tmp_path, num_devices, mesh):
 
 
 def test_restored_arrays_equal_saved_and_use_the_new_shardings(runs):
-    from gist_jax import optim
     from gist_jax import sharding as shd
-    from gist_jax import train_state as ts
+    from gist_jax.train import optim
+    from gist_jax.train import state as ts
 
     _, stopped = runs
     config = _config()
-    loaded = train.load_model(config)
+    loaded = model_loading.load_model(config)
     family, model_config = loaded.family, loaded.config
     axes = family.param_axes(model_config)
     optimizer = optim.make_optimizer(optim.make_schedule(1e-3, STEPS), axes)

@@ -25,7 +25,7 @@ from train_fixtures import quick_config, step_losses
 
 from benchmarks.probes import soak_crash as soak
 from gist_jax import train
-from gist_jax.train_logging import read_metrics
+from gist_jax.train.metrics_log import read_metrics
 
 # Five SIGKILLs (two of them aimed at checkpoint writes, one at the export), one SIGTERM.
 PLAN = ("kill_startup", "kill_save", "kill_step", "kill_save", "sigterm", "kill_export", "finish")

@@ -14,16 +14,17 @@ import numpy as np
 import pytest
 from train_fixtures import quick_config, step_losses
 
-from gist_jax import data, optim, output_loss, teacher, tiny_tokenizer, train, train_config
-from gist_jax import train_state as ts
-from gist_jax import train_step as tstep
+from gist_jax import data, model_loading, tiny_tokenizer, train, train_config
 from gist_jax.models.family import LLAMA
+from gist_jax.train import optim, output_loss, teacher
+from gist_jax.train import state as ts
+from gist_jax.train import step as tstep
 
 
 @pytest.fixture(scope="module")
 def tiny():
     config = quick_config("tiny_llama")
-    loaded = train.load_model(config)
+    loaded = model_loading.load_model(config)
     model = loaded.family.build(loaded.config)
     init = jax.jit(loaded.family.init_params, static_argnums=0)
     student = init(loaded.config, jax.random.key(1))
@@ -215,7 +216,7 @@ def test_distillation_from_a_checkpoint_resumes_exactly(tmp_path):
     assert result.resumed_from == 3 and result.step == 6
     assert step_losses(resumed) == step_losses(full)
     # The KL is logged with the LM part, and the teacher is not in the checkpoint.
-    from gist_jax.train_logging import read_metrics
+    from gist_jax.train.metrics_log import read_metrics
 
     record = read_metrics(full, "train")[-1]
     assert record["kl"] > 0 and record["lm_loss"] > 0

@@ -16,7 +16,7 @@ from unittest import mock
 import jax
 import pytest
 
-from gist_jax import evaluate, gist, metrics, train
+from gist_jax import evaluate, gist, metrics, model_loading, train
 from gist_jax.inference import decode, gist_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _config(name: str):
 @pytest.fixture(scope="module")
 def tiny_llama():
     config = _config("tiny_llama")
-    loaded = train.load_model(config)
+    loaded = model_loading.load_model(config)
     params = loaded.family.init_params(loaded.config, jax.random.key(0))
     return config, loaded, params
 
@@ -122,7 +122,7 @@ def test_gist_condition_decodes_through_compression(tiny_llama, llama_eval):
 
 def test_t5_evaluate(tmp_path):
     config = _config("tiny_t5")
-    loaded = train.load_model(config)
+    loaded = model_loading.load_model(config)
     params = loaded.family.init_params(loaded.config, jax.random.key(0))
     splits = evaluate.load_splits(config, ["validation_unseen"], 4)
     settings = evaluate.settings_from_config(config)
@@ -164,9 +164,10 @@ def test_training_hook_and_command_line(tmp_path):
     config.eval.splits = ("validation_seen",)
     config.eval.num_examples = 4
     config.eval.max_new_tokens = 6
-    config.eval.hooks = ("gist_jax.evaluate:make_train_hook",)
     workdir = tmp_path / "run"
-    result = train.train_and_evaluate(config, workdir, progress_bar=False)
+    result = train.train_and_evaluate(
+        config, workdir, eval_hooks=[evaluate.make_train_hook(config)], progress_bar=False
+    )
     assert result.step == 2
     for condition in gist.CONDITIONS:
         assert 0 <= result.last_eval[f"validation_seen/{condition}/rougeL"] <= 100
@@ -176,10 +177,16 @@ def test_training_hook_and_command_line(tmp_path):
 
     # The library half of the command: restore a step, and a clear error for a missing one.
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:1])
-    _, params, _, step = evaluate.load_for_eval(config, workdir, None, mesh)
+    _, params, step = model_loading.load_params(config, workdir, None, mesh)
     assert step == 2 and "lm_head" in params
+    # Only the params are read: what the checkpoint holds besides them is never restored.
+    assert set(params) == set(
+        model_loading.load_model(config).family.abstract_params(
+            model_loading.load_model(config).config
+        )
+    )
     with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint for step 9"):
-        evaluate.load_for_eval(config, workdir, 9, mesh)
+        model_loading.load_params(config, workdir, 9, mesh)
 
     out = workdir / "eval" / "2"
     for path in out.iterdir():

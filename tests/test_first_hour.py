@@ -123,7 +123,7 @@ def test_training_bar_counts_steps_from_the_first_one(tmp_path, capsys):
     import re
     import time
 
-    from gist_jax.train_logging import MetricsLogger
+    from gist_jax.train.metrics_log import MetricsLogger
 
     logger = MetricsLogger(tmp_path, total_steps=8, progress_bar=True)
     logger.start_bar(0)

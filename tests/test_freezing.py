@@ -15,10 +15,11 @@ import pytest
 from train_fixtures import quick_config, step_losses
 
 from gist_jax import checkpoint as ckpt_lib
-from gist_jax import data, freezing, optim, tiny_tokenizer, train, train_config
-from gist_jax import train_state as ts
-from gist_jax import train_step as tstep
+from gist_jax import data, model_loading, tiny_tokenizer, train, train_config
 from gist_jax.models.family import LLAMA
+from gist_jax.train import freezing, optim
+from gist_jax.train import state as ts
+from gist_jax.train import step as tstep
 
 LLAMA_MODULES = ("embed_tokens", "layers_0", "layers_1", "layers_2", "norm", "lm_head")
 
@@ -37,7 +38,7 @@ def test_frozen_modules_are_the_embedding_and_the_lowest_layers():
 @pytest.fixture(scope="module")
 def tiny_setup():
     config = quick_config("tiny_llama", model__init__num_hidden_layers=3)
-    loaded = train.load_model(config)
+    loaded = model_loading.load_model(config)
     model = loaded.family.build(loaded.config)
     params = jax.jit(loaded.family.init_params, static_argnums=0)(loaded.config, jax.random.key(2))
     tokenizer = tiny_tokenizer.synthetic_bpe(512)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from gist_jax import optim
+from gist_jax.train import optim
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1.0, 1e6])

@@ -1,4 +1,4 @@
-"""The loss-only output layer (gist_jax.output_loss): same loss and gradients as full
+"""The loss-only output layer (gist_jax.train.output_loss): same loss and gradients as full
 logits, for any chunk size, tied and untied output layers, rows without loss tokens; and
 chunks without loss positions are really skipped."""
 
@@ -13,10 +13,11 @@ import optax
 import pytest
 from train_fixtures import quick_config
 
-from gist_jax import data, output_loss, tiny_tokenizer, train
-from gist_jax import train_step as tstep
+from gist_jax import data, model_loading, tiny_tokenizer
 from gist_jax.models import llama
 from gist_jax.models.family import LLAMA
+from gist_jax.train import output_loss
+from gist_jax.train import step as tstep
 
 
 def _reference(hidden, kernel, targets, weights):
@@ -96,7 +97,7 @@ def test_train_loss_with_chunks_matches_full_logits(tied):
     examples, _ = data.load_examples("synthetic", "validation_seen", num_examples=8, seed=5)
     encoded, _ = data.encode_decoder_examples(examples, tokenizer, 1, 64)
     batch = data.collate_decoder([[ex] for ex in encoded], 64, tokenizer.pad_token_id)
-    loaded = train.load_model(quick_config("tiny_llama"))
+    loaded = model_loading.load_model(quick_config("tiny_llama"))
     config = dataclasses.replace(loaded.config, tie_word_embeddings=tied)
     model = llama.build_model(config)
     params = LLAMA.init_params(config, jax.random.key(2))

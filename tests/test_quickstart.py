@@ -21,7 +21,7 @@ import pytest
 from gist_jax import evaluate, gist, quickstart, replication, train_config
 from gist_jax.convert import loading
 from gist_jax.models import llama
-from gist_jax.train_logging import read_metrics
+from gist_jax.train.metrics_log import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SPLITS = ("validation_seen", "validation_unseen")

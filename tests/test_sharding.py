@@ -14,12 +14,13 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gist_jax import distributed, optim
+from gist_jax import distributed
 from gist_jax import sharding as shd
-from gist_jax import train_state as ts
-from gist_jax import train_step as tstep
 from gist_jax.models import llama
 from gist_jax.models.family import LLAMA
+from gist_jax.train import optim
+from gist_jax.train import state as ts
+from gist_jax.train import step as tstep
 
 # ---------------------------------------------------------------------------------------
 # Mesh shapes

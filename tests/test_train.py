@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from train_fixtures import REPO, quick_config, step_losses
+from train_fixtures import REPO, quick_config, step_hook, step_losses
 
 from gist_jax import checkpoint as ckpt_lib
-from gist_jax import data, tiny_tokenizer, train, train_config
+from gist_jax import data, model_loading, tiny_tokenizer, train, train_config
 from gist_jax import sharding as shd
-from gist_jax import train_step as tstep
 from gist_jax.convert import loading
 from gist_jax.models.family import LLAMA
+from gist_jax.train import step as tstep
 
 
 def _first_last(losses: dict[int, float], n: int = 5) -> tuple[float, float]:
@@ -37,10 +37,13 @@ def llama_run(tmp_path_factory):
         train__steps=60,
         train__export=True,
         data__num_train_examples=1000,
-        eval__hooks=("train_fixtures:step_hook",),
     )
     result = train.train_and_evaluate(
-        config, workdir, devices=jax.devices()[:1], progress_bar=False
+        config,
+        workdir,
+        devices=jax.devices()[:1],
+        eval_hooks=[step_hook()],
+        progress_bar=False,
     )
     return config, workdir, result
 
@@ -59,14 +62,14 @@ def test_tiny_llama_loss_falls(llama_run):
 
 
 def test_logged_fields_and_export(llama_run):
-    from gist_jax.train_logging import read_metrics
+    from gist_jax.train.metrics_log import read_metrics
 
     config, workdir, result = llama_run
     rec = read_metrics(workdir, "train")[-1]
     for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "eta_s"):
         assert key in rec, key
     assert rec["tokens"] > 0 and rec["tokens_per_s"] > 0
-    # The eval.hooks plug-in ran at the final evaluation, with the trained params.
+    # The evaluation hook ran at the final evaluation, with the trained params.
     evals = read_metrics(workdir, "eval")
     assert evals[-1]["hook/step"] == 60 and evals[-1]["hook/params"] == 139_584
     assert "validation_seen/loss" in evals[-1]
@@ -107,7 +110,7 @@ def test_packing_gives_the_same_loss_as_padding():
     packed = data.collate_decoder([[encoded[i] for i in row] for row in rows], 128, pad_id)
 
     config = quick_config("tiny_llama")
-    loaded = train.load_model(config)
+    loaded = model_loading.load_model(config)
     model = loaded.family.build(loaded.config)
     params = jax.jit(loaded.family.init_params, static_argnums=0)(loaded.config, jax.random.key(1))
     fn = jax.jit(lambda p, b: tstep.loss_sums(model, LLAMA, p, b, "gist"))

@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from gist_jax.train_logging import read_metrics
+from gist_jax.train.metrics_log import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,8 @@ def step_losses(workdir: str | pathlib.Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(workdir, "train")}
 
 
-def step_hook(config: ml_collections.ConfigDict):
-    """An ``eval.hooks`` factory (``"train_fixtures:step_hook"``): reports what it was given."""
+def step_hook():
+    """An evaluation hook for ``train_and_evaluate(eval_hooks=...)``: reports what it was given."""
     import jax
 
     def hook(context) -> dict[str, float]:

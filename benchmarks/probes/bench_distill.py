@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from gist_jax import data, optim, output_loss
-from gist_jax import train_step as tstep
+from gist_jax import data
 from gist_jax.models import llama
 from gist_jax.models.family import LLAMA
-from gist_jax.train_state import TrainState
+from gist_jax.train import optim, output_loss
+from gist_jax.train import step as tstep
+from gist_jax.train.state import TrainState
 
 OBJECTIVES = {
     "lm": tstep.LM,

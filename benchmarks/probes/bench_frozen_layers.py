@@ -1,5 +1,5 @@
 """The train step with the embedding and the lowest N layers frozen (``train.frozen_layers``,
-``gist_jax.freezing``) against the full step: same weights, same packed batch, unrolled
+``gist_jax.train.freezing``) against the full step: same weights, same packed batch, unrolled
 layers, timed interleaved in one process (the quickstart's shape by default: 8 x 96).
 
 Prints each setting's trained parameter count, compile time and median step time, and the
@@ -16,8 +16,8 @@ import time
 
 from benchmarks import common, train_bench
 from benchmarks.trainers import JaxTrainer
-from gist_jax import freezing
-from gist_jax.train_state import param_count
+from gist_jax.train import freezing
+from gist_jax.train.state import param_count
 
 
 def main() -> None:

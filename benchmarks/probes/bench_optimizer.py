@@ -1,4 +1,4 @@
-"""Gradient clipping + AdamW on SmolLM2-135M: ``gist_jax.optim.clip_by_global_norm`` (one
+"""Gradient clipping + AdamW on SmolLM2-135M: ``gist_jax.train.optim.clip_by_global_norm`` (one
 multiply by ``min(1, max_norm / norm)``) against ``optax.clip_by_global_norm`` (a per-element
 select), first as the optimizer update alone, then inside the whole train step, each pair
 timed interleaved in one process.
@@ -20,8 +20,8 @@ import optax
 
 from benchmarks import common, train_bench
 from benchmarks.trainers import JaxTrainer
-from gist_jax import optim
 from gist_jax.models.family import LLAMA
+from gist_jax.train import optim
 
 CLIPS = {"gist_jax": optim.clip_by_global_norm, "optax": optax.clip_by_global_norm}
 

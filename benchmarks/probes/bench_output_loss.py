@@ -1,5 +1,5 @@
 """Time SmolLM2's output layer + cross-entropy (8 x 128 tokens, D 576, V 49152) with full
-logits against ``gist_jax.output_loss.chunked_cross_entropy``, forward and forward +
+logits against ``gist_jax.train.output_loss.chunked_cross_entropy``, forward and forward +
 backward, with a gisting-like loss mask (the benchmark batch's per-row completion lengths,
 16% of the positions). Random data; median of 5 calls after warm-up.
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gist_jax import output_loss
+from gist_jax.train import output_loss
 
 BATCH, LENGTH, DIM, VOCAB = 8, 128, 576, 49152
 COMPLETION_LENGTHS = (7, 25, 29, 16, 27, 17, 19, 21)  # the benchmark batch's loss tokens/row

@@ -18,7 +18,7 @@ import argparse
 import collections
 import random
 
-from gist_jax import evaluate, train
+from gist_jax import evaluate, model_loading
 from gist_jax.convert import loading
 from gist_jax.data import synthetic_v3 as v3
 from gist_jax.quickstart import default_config
@@ -59,7 +59,7 @@ def main() -> None:
     ops = args.ops.split(",") if args.ops else list(v3.OPS)
     examples = probe_examples(ops, args.per_op, args.shots)
     config = default_config()
-    loaded = train.load_model(config)
+    loaded = model_loading.load_model(config)
     _, params, _ = loading.load_checkpoint(loaded.checkpoint_dir, scan_layers=False)
     report = evaluate.run_evaluation(
         loaded.config,

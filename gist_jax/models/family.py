@@ -40,7 +40,7 @@ class Family:
 
     name: str
     encoder_decoder: bool
-    # Whether the output layer can run on loss chunks only (``gist_jax.output_loss``):
+    # Whether the output layer can run on loss chunks only (``gist_jax.train.output_loss``):
     # needs the final hidden states of every position, which the decoder-only step has.
     chunked_output: bool
     batch_keys: tuple[str, ...]

@@ -20,7 +20,7 @@ is the compute dtype; logits are always float32. The optional keyword ``logits_a
 (a prefill needs just the last prompt token's; this skips most of the output layer).
 With ``return_hidden=True`` the call returns the final-normed hidden states ``[B, L, D]``
 instead of logits (and no cache), for a loss that applies ``output_kernel`` only where it
-is needed (``gist_jax.output_loss``).
+is needed (``gist_jax.train.output_loss``).
 
 Parameter tree (names mirror the HF state dict, so conversion is renames and
 transposes)::
@@ -509,7 +509,7 @@ class LlamaForCausalLM(nn.Module):
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="norm")(hidden)
         if return_hidden:
             # For a loss that runs the output layer itself on a few positions
-            # (gist_jax.output_loss with ``output_kernel``).
+            # (gist_jax.train.output_loss with ``output_kernel``).
             return hidden, None
         if cfg.tie_word_embeddings:
             # [V, D] embedding used as the output projection.

@@ -65,7 +65,7 @@ def state_shardings(
     """A ``NamedSharding`` for every leaf of the state."""
     param_sh = shd.tree_shardings(abstract.params, logical_axes, mesh)
     replicated = shd.replicated(mesh)
-    # Frozen params (gist_jax.freezing) have no optimizer state: an ``optax.MaskedNode``
+    # Frozen params (gist_jax.train.freezing) have no optimizer state: an ``optax.MaskedNode``
     # stands where their moments would be, and stays.
     opt_sh = optax.tree_map_params(
         optimizer,

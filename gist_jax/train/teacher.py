@@ -18,9 +18,9 @@ from typing import Any
 import ml_collections
 
 from gist_jax import train_config
-from gist_jax import train_step as tstep
 from gist_jax.convert import common, loading
 from gist_jax.models.family import Family, config_from_dict
+from gist_jax.train import step as tstep
 
 # Fields that say how a model runs, not what it is: a teacher may differ in them.
 _RUNTIME_FIELDS = ("dtype", "scan_layers", "remat")

@@ -17,7 +17,7 @@ the scan), so the update is the same as with one big batch (up to float summatio
 Micro-batch ``j`` takes rows ``j, j + A, j + 2A, ...`` so every device contributes equally
 to every micro-batch and no rows move between devices.
 
-With frozen modules (``train.frozen_layers``, see ``gist_jax.freezing``) the loss is
+With frozen modules (``train.frozen_layers``, see ``gist_jax.train.freezing``) the loss is
 differentiated with respect to the trained modules only, so the backward pass below the
 lowest trained layer is never built; the gradient norm and clipping cover the trained
 parameters, and the optimizer (restricted by ``freezing.restrict_optimizer``) leaves the
@@ -36,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gist_jax import freezing, gist, output_loss
+from gist_jax import gist
 from gist_jax.models.family import Family
-from gist_jax.train_state import TrainState
+from gist_jax.train import freezing, output_loss
+from gist_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 
@@ -55,7 +56,7 @@ def loss_sums(
 
     ``loss_chunk`` > 0 (families with ``chunked_output``): the output layer runs only on
     chunks of that many positions per row that hold loss tokens, see
-    ``gist_jax.output_loss``; 0: all logits at once."""
+    ``gist_jax.train.output_loss``; 0: all logits at once."""
     weights = batch["loss_mask"].astype(jnp.float32)
     if loss_chunk > 0 and family.chunked_output:
         hidden = family.hidden(model, params, batch, condition)
@@ -177,7 +178,7 @@ def make_train_step(
 
     ``inject_nonfinite_steps``: fault injection for tests, steps (1 = first update) whose
     loss is multiplied by NaN; adds nothing to the program when empty. ``loss_chunk``: see
-    ``loss_sums``. ``frozen``: top-level param modules not trained (``gist_jax.freezing``;
+    ``loss_sums``. ``frozen``: top-level param modules not trained (``gist_jax.train.freezing``;
     ``optimizer`` must be restricted to match).
 
     ``objective`` (decoder-only models): with distillation, ``loss`` is the weighted

@@ -1,0 +1,156 @@
+"""The model a run config names, and the params a run's workdir holds.
+
+``load_model(config)`` reads ``model.*``: random init (the config's ``model.init`` fields and
+a tokenizer), a converted checkpoint directory, or the bundled default model (converted
+once, by process 0). It returns the model config with the run's runtime fields (dtype,
+scanned layers, remat), its family and tokenizer. ``load_params`` gives the params to
+evaluate or serve: a training checkpoint's params only (never the optimizer state), or the
+config's own model when the workdir has no checkpoint.
+
+Training, evaluation and the command-line tools load models here and nowhere else;
+``gist_jax.convert.loading`` is the one reader of a converted checkpoint directory below it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+
+from gist_jax import checkpoint as ckpt_lib
+from gist_jax import tiny_tokenizer, train_config
+from gist_jax.convert import common, loading
+from gist_jax.models.family import Family, config_from_dict, family_named, family_of
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """The model config of the run, its family, tokenizer and (for pretrained models) the
+    converted checkpoint directory the params come from."""
+
+    config: Any
+    family: Family
+    tokenizer: Any
+    checkpoint_dir: pathlib.Path | None
+    saved_scan_layers: bool | None  # layout of the params in checkpoint_dir
+
+
+def _runtime_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    m = config.model
+    return {"dtype": m.dtype, "scan_layers": bool(m.scan_layers), "remat": m.remat}
+
+
+def _default_model_dir() -> pathlib.Path:
+    from gist_jax.convert.default_model import ensure_default_model
+
+    # Process 0 converts (once); the others wait and then find the finished directory.
+    if jax.process_index() == 0:
+        _, ckpt_dir = ensure_default_model()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("gist_jax:default_model")
+    if jax.process_index() != 0:
+        _, ckpt_dir = ensure_default_model()
+    return pathlib.Path(ckpt_dir)
+
+
+def _load_tokenizer(spec: str, checkpoint_dir: pathlib.Path | None) -> Any:
+    if spec.startswith(tiny_tokenizer.PREFIX):
+        return tiny_tokenizer.from_spec(spec)
+    if spec:
+        from transformers import AutoTokenizer
+
+        path = pathlib.Path(spec)
+        if not path.is_dir():
+            raise train_config.ConfigError(f"model.tokenizer={spec!r}: no such directory")
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        common.add_gist_token(tokenizer)
+        return tokenizer
+    if checkpoint_dir is None:
+        raise train_config.ConfigError(
+            "model.tokenizer is empty and model.checkpoint is empty (random init): set "
+            "model.tokenizer to 'synthetic_bpe' or a tokenizer directory"
+        )
+    return common.load_tokenizer(checkpoint_dir)
+
+
+def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
+    """Model config (with the run's dtype/scan/remat), family and tokenizer."""
+    source = config.model.checkpoint
+    runtime = _runtime_fields(config)
+    if source == train_config.RANDOM_INIT:
+        tokenizer = _load_tokenizer(config.model.tokenizer, None)
+        fields = dict(config.model.init.to_dict())
+        family = family_named(fields["model_type"])
+        names = {f.name for f in dataclasses.fields(family.config_class)}
+        if not fields.get("vocab_size"):
+            fields["vocab_size"] = len(tokenizer)
+        if fields["vocab_size"] < len(tokenizer):
+            raise train_config.ConfigError(
+                f"model.init.vocab_size={fields['vocab_size']} is smaller than the tokenizer "
+                f"({len(tokenizer)} tokens)"
+            )
+        token_ids = {
+            "gist_token_id": common.gist_token_id_of(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+        }
+        fields.update({k: v for k, v in token_ids.items() if k in names and v is not None})
+        fields.update(runtime)
+        model_config = config_from_dict(fields)
+        return LoadedModel(model_config, family, tokenizer, None, None)
+
+    ckpt_dir = (
+        _default_model_dir() if source == train_config.DEFAULT_MODEL else pathlib.Path(source)
+    )
+    saved = config_from_dict(common.read_model_config(ckpt_dir))
+    model_config = dataclasses.replace(saved, **runtime)
+    tokenizer = _load_tokenizer(config.model.tokenizer, ckpt_dir)
+    return LoadedModel(model_config, family_of(saved), tokenizer, ckpt_dir, saved.scan_layers)
+
+
+def load_params(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    checkpoint_step: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[LoadedModel, Any, int]:
+    """``(loaded, params, step)`` for evaluating or serving a run.
+
+    With checkpoints in ``WORKDIR/checkpoints``: the params of ``checkpoint_step`` (default
+    the latest), restored onto ``mesh`` with their logical-axis shardings (replicated on one
+    device without a mesh). Without: the config's pretrained model, step 0.
+    """
+    loaded = load_model(config)
+    family, model_config = loaded.family, loaded.config
+    checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+    try:
+        steps = checkpointer.all_steps()
+        if checkpoint_step is not None and checkpoint_step not in steps:
+            raise ckpt_lib.CheckpointError(
+                f"no checkpoint for step {checkpoint_step} in {checkpointer.directory} "
+                f"(steps: {sorted(steps)})"
+            )
+        if steps:
+            step = checkpoint_step if checkpoint_step is not None else max(steps)
+            params = checkpointer.restore_params(
+                family.abstract_params(model_config), family.param_axes(model_config), mesh, step
+            )
+            return loaded, params, int(step)
+    finally:
+        checkpointer.close()
+    if loaded.checkpoint_dir is None:
+        raise ckpt_lib.CheckpointError(
+            f"no checkpoint in {pathlib.Path(workdir) / ckpt_lib.CHECKPOINT_DIR} and the config's "
+            "model is random init: nothing to evaluate"
+        )
+    _, params, _ = loading.load_checkpoint(
+        loaded.checkpoint_dir, scan_layers=model_config.scan_layers
+    )
+    return loaded, params, 0

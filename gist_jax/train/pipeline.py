@@ -1,0 +1,137 @@
+"""Training data on the mesh: the tokenised train and validation iterators a config names
+(``build_data``), each process building only the rows its devices hold, the global batch
+the jitted step takes (``global_batch``), and the validation loss over one pass of each
+split (``evaluate_loss``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from gist_jax import model_loading
+from gist_jax import sharding as shd
+
+
+@dataclasses.dataclass
+class DataSetup:
+    train: Any  # data.BatchIterator
+    evals: dict[str, Any]  # split -> data.BatchIterator (one pass, in order)
+    pad_id: int
+    reports: list[str]
+
+
+def _host_slice_args(mesh: Any, global_batch: int) -> tuple[int, int]:
+    """``(index, count)`` for ``BatchIterator`` so this process builds exactly the rows
+    its devices hold (all rows when the batch is replicated across processes)."""
+    start, stop = shd.process_batch_rows(mesh, global_batch)
+    per = stop - start
+    if start % per or global_batch % per:
+        raise shd.MeshError(f"process rows [{start}, {stop}) do not tile a batch of {global_batch}")
+    return start // per, global_batch // per
+
+
+def build_data(
+    config: ml_collections.ConfigDict, loaded: model_loading.LoadedModel, mesh: Any
+) -> DataSetup:
+    """Tokenised examples and batch iterators for training and validation loss."""
+    from gist_jax import data
+
+    d = config.data
+    encoder = data.PieceEncoder(loaded.tokenizer)
+    decoder_only = not loaded.family.encoder_decoder
+    max_len: int | tuple[int, int] = (
+        d.max_length if decoder_only else (d.max_source_length, d.max_target_length)
+    )
+
+    def encode(split: str, num: int) -> tuple[list[Any], list[str]]:
+        examples, load_report = data.load_examples(
+            d.source, split, num_examples=None if num < 0 else num, seed=config.train.seed
+        )
+        if decoder_only:
+            encoded, trunc = data.encode_decoder_examples(
+                examples, loaded.tokenizer, d.num_gist_tokens, d.max_length, encoder=encoder
+            )
+        else:
+            encoded, trunc = data.encode_encdec_examples(
+                examples,
+                loaded.tokenizer,
+                d.num_gist_tokens,
+                d.max_source_length,
+                d.max_target_length,
+                encoder=encoder,
+            )
+        return encoded, [load_report.summary(), f"{split}: {trunc.summary()}"]
+
+    def iterator(examples: list[Any], batch: int, train: bool) -> Any:
+        index, count = _host_slice_args(mesh, batch)
+        return data.BatchIterator(
+            examples,
+            global_batch_size=batch,
+            max_length=max_len,
+            pad_id=encoder.pad_id,
+            seed=config.train.seed,
+            shuffle=train,
+            pack=d.packing,
+            drop_remainder=train,
+            bucket_multiple=d.bucket_multiple,
+            process_index=index,
+            process_count=count,
+            num_epochs=None if train else 1,
+            pack_open_rows=d.pack_open_rows,
+        )
+
+    train_examples, reports = encode(d.train_split, d.num_train_examples)
+    train_iter = iterator(train_examples, config.train.batch_size, train=True)
+    evals = {}
+    for split in config.eval.splits:
+        examples, rep = encode(split, config.eval.num_examples)
+        reports += rep
+        evals[split] = iterator(examples, config.eval.batch_size, train=False)
+    return DataSetup(train_iter, evals, encoder.pad_id, reports)
+
+
+def global_batch(
+    local: Mapping[str, np.ndarray], keys: Sequence[str], mesh: Any, rows: int
+) -> dict:
+    missing = [k for k in keys if k not in local]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; has {sorted(local)}")
+    return shd.make_global_batch({k: local[k] for k in keys}, mesh, rows)
+
+
+def abstract_batch(keys: Sequence[str], rows: int, length: int = 8) -> dict:
+    """Shapes of a batch, for tracing the loss without data."""
+    return {
+        k: jax.ShapeDtypeStruct((rows, length), np.float32 if k == "loss_mask" else np.int32)
+        for k in keys
+    }
+
+
+def evaluate_loss(
+    eval_step: Callable[..., Any],
+    params: Any,
+    iterators: Mapping[str, Any],
+    keys: Sequence[str],
+    mesh: Any,
+    batch_size: int,
+) -> dict[str, float]:
+    """Mean token cross-entropy per split over one pass of each iterator."""
+    out = {}
+    for split, it in iterators.items():
+        it.restore({"epoch": 0, "batch": 0})
+        sums = []
+        for local in it:
+            batch = global_batch(local, keys, mesh, batch_size)
+            sums.append(eval_step(params, batch))
+        sums = jax.device_get(sums)
+        total = float(sum(s["loss_sum"] for s in sums))
+        count = float(sum(s["loss_tokens"] for s in sums))
+        out[f"{split}/loss"] = total / max(count, 1.0)
+        out[f"{split}/tokens"] = count
+    return out
