@@ -30,10 +30,12 @@ mesh from ``mesh_utils.create_hybrid_device_mesh``: the slices are stacked along
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -270,3 +272,9 @@ def describe(mesh: Mesh) -> str:
     axes = " ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
     processes = len({d.process_index for d in mesh.devices.flat})
     return f"{axes} ({mesh.devices.size} devices, {processes} processes)"
+
+
+def rules_context(rules: Sequence[tuple[str, Any]] | None) -> contextlib.AbstractContextManager:
+    """Flax's logical axis rules in force (activation sharding constraints apply), or
+    nothing when ``rules`` is None (XLA propagates shardings from params and batch)."""
+    return contextlib.nullcontext() if rules is None else nn.logical_axis_rules(list(rules))

@@ -127,16 +127,18 @@ def test_loop_stops_when_every_example_is_done():
     none = np.full(len(prompts), -1, np.int32)
     # Every token is an EOS: every row finishes with its first token; the loop never runs.
     opts = decode.make_options(config, MAX_NEW, eos_token_ids=range(fx.VOCAB))
+    rows = programs.Rows(ids, pos, none, none)
     out = programs.llama_generate_arrays(
-        params, ids, pos, none, none, jax.random.key(0), None, config=config, opts=opts
+        params, rows, jax.random.key(0), None, config=config, opts=opts
     )
     assert int(out.loop.steps) == 1
     np.testing.assert_array_equal(out.loop.lengths, 1)
     assert np.asarray(out.loop.finished).all()
     # Without EOS the loop runs to max_new_tokens.
     opts = decode.make_options(config, MAX_NEW, eos_token_ids=[])
+    rows = programs.Rows(ids, pos, none, none)
     out = programs.llama_generate_arrays(
-        params, ids, pos, none, none, jax.random.key(0), None, config=config, opts=opts
+        params, rows, jax.random.key(0), None, config=config, opts=opts
     )
     assert int(out.loop.steps) == MAX_NEW
     np.testing.assert_array_equal(out.loop.lengths, MAX_NEW)

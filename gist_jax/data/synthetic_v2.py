@@ -551,28 +551,6 @@ def arg_partitions(op: Op) -> tuple[bool, bool]:
 HELD_OUT_ARG_OPS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if all(arg_partitions(OPS[n])))
 
 
-def _spec_stream(split: str, rng: random.Random) -> Any:
-    """Endless instruction specs of a split (not validation_seen, which copies train's)."""
-    train_pairs = trained_pairs(held_out=False)
-    held_pairs = trained_pairs(held_out=True)
-    order: list[str] = []
-    while True:
-        if split == "validation_unseen":
-            if not order:
-                order = list(UNSEEN_OPS)
-                rng.shuffle(order)
-            yield _single(order.pop(), rng, None)
-        elif split == "train":
-            if rng.random() < COMPOSED_SHARE:
-                yield _composed(rng.choice(train_pairs), rng, False)
-            else:
-                yield _single(rng.choice(TRAIN_OPS), rng, False)
-        elif rng.random() < 0.5:  # validation_recombined: a held-out pair ...
-            yield _composed(rng.choice(held_pairs), rng, False)
-        else:  # ... or a trained op with a held-out argument setting
-            yield _single(rng.choice(HELD_OUT_ARG_OPS), rng, True)
-
-
 def _example(spec: Spec, rng: random.Random, held_out_input: bool | None) -> dict | None:
     """An example of ``spec`` on a fresh input, or None when no input suits it (e.g.
     "capitalise, then keep the words starting with 't'")."""
@@ -614,27 +592,82 @@ def _generate(
     return out
 
 
-def _rng(seed: int, split: str) -> random.Random:
-    return random.Random(f"gist_jax.synthetic_v2:{seed}:{split}")
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """What a suite version plugs into the shared split logic: its ops, how it phrases one
+    op or a pair, and how it draws an input for an instruction."""
+
+    name: str  # the source name; seeds the per-split random streams
+    train_ops: tuple[str, ...]
+    unseen_ops: tuple[str, ...]
+    held_out_arg_ops: tuple[str, ...]
+    train_pairs: list[tuple[str, str]]
+    held_out_pairs: list[tuple[str, str]]
+    composed_share: float  # share of train / recombined examples that compose two ops
+    single: Callable[[str, random.Random, bool | None], Any]
+    composed: Callable[[tuple[str, str], random.Random, bool | None], Any]
+    example: Callable[[Any, random.Random, bool | None], dict | None]
+
+    def rng(self, seed: int, split: str) -> random.Random:
+        return random.Random(f"gist_jax.{self.name}:{seed}:{split}")
+
+    def spec_stream(self, split: str, rng: random.Random) -> Any:
+        """Endless instruction specs of a split (not validation_seen, which copies train's)."""
+        order: list[str] = []
+        while True:
+            if split == "validation_unseen":
+                if not order:
+                    order = list(self.unseen_ops)
+                    rng.shuffle(order)
+                yield self.single(order.pop(), rng, None)
+            elif split == "train":
+                if rng.random() < self.composed_share:
+                    yield self.composed(rng.choice(self.train_pairs), rng, False)
+                else:
+                    yield self.single(rng.choice(self.train_ops), rng, False)
+            elif rng.random() < 0.5:  # validation_recombined: a held-out pair ...
+                yield self.composed(rng.choice(self.held_out_pairs), rng, False)
+            else:  # ... or a trained op with a held-out argument setting
+                yield self.single(rng.choice(self.held_out_arg_ops), rng, True)
+
+    def make_split(self, split: str, num_examples: int, seed: int) -> list[dict[str, Any]]:
+        """``num_examples`` examples of ``split``, deterministic from ``(split, seed)``."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown {self.name} split {split!r}; expected one of {SPLITS}")
+        if num_examples < 0:
+            raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+        rng = self.rng(seed, split)
+        if split == "validation_seen":
+            # Instructions of the first SEEN_POOL training examples, on held-out inputs.
+            train_rng = self.rng(seed, "train")
+            train = self.spec_stream("train", train_rng)
+            pool = [spec for spec, _ in _generate(train, train_rng, False, SEEN_POOL, self.example)]
+            return [
+                ex
+                for _, ex in _generate(_choices(pool, rng), rng, True, num_examples, self.example)
+            ]
+        held_out_input = False if split == "train" else None
+        stream = self.spec_stream(split, rng)
+        return [ex for _, ex in _generate(stream, rng, held_out_input, num_examples, self.example)]
+
+
+SUITE = Suite(
+    name=SOURCE,
+    train_ops=TRAIN_OPS,
+    unseen_ops=UNSEEN_OPS,
+    held_out_arg_ops=HELD_OUT_ARG_OPS,
+    train_pairs=trained_pairs(held_out=False),
+    held_out_pairs=trained_pairs(held_out=True),
+    composed_share=COMPOSED_SHARE,
+    single=_single,
+    composed=_composed,
+    example=_example,
+)
 
 
 def make_split(split: str, num_examples: int, seed: int = 0) -> list[dict[str, Any]]:
     """``num_examples`` examples of ``split``, deterministic from ``(split, seed)``."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown synthetic_v2 split {split!r}; expected one of {SPLITS}")
-    if num_examples < 0:
-        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-    rng = _rng(seed, split)
-    if split == "validation_seen":
-        # Instructions of the first SEEN_POOL training examples, on held-out inputs.
-        train_rng = _rng(seed, "train")
-        pool = [
-            spec
-            for spec, _ in _generate(_spec_stream("train", train_rng), train_rng, False, SEEN_POOL)
-        ]
-        return [ex for _, ex in _generate(_choices(pool, rng), rng, True, num_examples)]
-    held_out_input = False if split == "train" else None
-    return [ex for _, ex in _generate(_spec_stream(split, rng), rng, held_out_input, num_examples)]
+    return SUITE.make_split(split, num_examples, seed)
 
 
 def _choices(pool: Sequence[Spec], rng: random.Random) -> Any:

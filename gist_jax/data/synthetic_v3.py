@@ -53,6 +53,7 @@ from babel.languages import get_official_languages
 from babel.numbers import get_currency_name, get_territory_currencies
 from num2words import num2words
 
+from gist_jax.data import synthetic_v2
 from gist_jax.data.synthetic import WORDS
 from gist_jax.data.synthetic_v2 import (
     _BRACKETS,
@@ -61,10 +62,9 @@ from gist_jax.data.synthetic_v2 import (
     _PREFIXES,
     Op,
     Slots,
+    Suite,
     _bucket,
-    _choices,
     _expand,
-    _generate,
     _Invalid,
     _sample_slots,
     arg_partitions,
@@ -80,7 +80,7 @@ DEFAULT_SIZES: dict[str, int] = {
     "validation_recombined": 400,
     "validation_unseen": 400,
 }
-SEEN_POOL = 2000
+SEEN_POOL = synthetic_v2.SEEN_POOL  # the split logic is version 2's (synthetic_v2.Suite)
 COMPOSED_SHARE = 0.3
 HELD_OUT_INPUT_BUCKETS = 10
 _INPUT_TRIES = 200
@@ -770,28 +770,6 @@ def _composed(pair: tuple[str, str], rng: random.Random, held_out_arg: bool | No
 HELD_OUT_ARG_OPS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if all(arg_partitions(OPS[n])))
 
 
-def _spec_stream(split: str, rng: random.Random) -> Any:
-    """Endless instruction specs of a split (not validation_seen, which copies train's)."""
-    train_pairs = trained_pairs(held_out=False)
-    held_pairs = trained_pairs(held_out=True)
-    order: list[str] = []
-    while True:
-        if split == "validation_unseen":
-            if not order:
-                order = list(UNSEEN_OPS)
-                rng.shuffle(order)
-            yield _single(order.pop(), rng, None)
-        elif split == "train":
-            if rng.random() < COMPOSED_SHARE:
-                yield _composed(rng.choice(train_pairs), rng, False)
-            else:
-                yield _single(rng.choice(TRAIN_OPS), rng, False)
-        elif rng.random() < 0.5:
-            yield _composed(rng.choice(held_pairs), rng, False)
-        else:
-            yield _single(rng.choice(HELD_OUT_ARG_OPS), rng, True)
-
-
 def _example(spec: Spec, rng: random.Random, held_out_input_: bool | None) -> dict | None:
     for _ in range(_INPUT_TRIES):
         text = rng.choice(_INPUTS[spec.kind])
@@ -811,26 +789,20 @@ def _example(spec: Spec, rng: random.Random, held_out_input_: bool | None) -> di
     return None
 
 
-def _rng(seed: int, split: str) -> random.Random:
-    return random.Random(f"gist_jax.synthetic_v3:{seed}:{split}")
+SUITE = Suite(
+    name=SOURCE,
+    train_ops=TRAIN_OPS,
+    unseen_ops=UNSEEN_OPS,
+    held_out_arg_ops=HELD_OUT_ARG_OPS,
+    train_pairs=trained_pairs(held_out=False),
+    held_out_pairs=trained_pairs(held_out=True),
+    composed_share=COMPOSED_SHARE,
+    single=_single,
+    composed=_composed,
+    example=_example,
+)
 
 
 def make_split(split: str, num_examples: int, seed: int = 0) -> list[dict[str, Any]]:
     """``num_examples`` examples of ``split``, deterministic from ``(split, seed)``."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown synthetic_v3 split {split!r}; expected one of {SPLITS}")
-    if num_examples < 0:
-        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-    rng = _rng(seed, split)
-    if split == "validation_seen":
-        train_rng = _rng(seed, "train")
-        pool = [
-            spec
-            for spec, _ in _generate(
-                _spec_stream("train", train_rng), train_rng, False, SEEN_POOL, _example
-            )
-        ]
-        return [ex for _, ex in _generate(_choices(pool, rng), rng, True, num_examples, _example)]
-    held = False if split == "train" else None
-    stream = _spec_stream(split, rng)
-    return [ex for _, ex in _generate(stream, rng, held, num_examples, _example)]
+    return SUITE.make_split(split, num_examples, seed)

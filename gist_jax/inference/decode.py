@@ -33,6 +33,7 @@ from gist_jax.inference.programs import (
     GREEDY,
     DecodeOptions,
     LoopOutput,
+    Rows,
     SamplingConfig,
     llama_generate_arrays,
     t5_generate_arrays,
@@ -127,6 +128,18 @@ def place_batch(array: np.ndarray, mesh: jax.sharding.Mesh | None) -> jax.Array:
         return jnp.asarray(array)
     target = sharding.batch_sharding(mesh, array.ndim)
     return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
+def place_rows(
+    ids: np.ndarray,
+    positions: np.ndarray,
+    first: np.ndarray,
+    last: np.ndarray,
+    mesh: jax.sharding.Mesh | None,
+) -> Rows:
+    """A padded host batch and its gist spans as the programs' ``Rows``, split over the
+    batch axes of ``mesh``."""
+    return Rows(*(place_batch(a, mesh) for a in (ids, positions, first, last)))
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -308,22 +321,17 @@ def generate(
             ids, positions = pad_rows(tokens, length, opts.pad_id, last + 1)
             rows_prefix = place_prefix(prefix.take(rows), mesh)
         key = jax.random.fold_in(rng, number)
-        args = [place_batch(a, mesh) for a in (ids, positions, first, last)]
+        batch = place_rows(ids, positions, first, last, mesh)
         with mesh_context(mesh):
             if encoder_decoder:
+                start_id = t5_start_id(config)
                 out = t5_generate_arrays(
-                    params,
-                    *args,
-                    key,
-                    rows_prefix,
-                    config=config,
-                    opts=opts,
-                    start_id=t5_start_id(config),
+                    params, batch, key, rows_prefix, config=config, opts=opts, start_id=start_id
                 )
                 prompt_logits = None
             else:
                 out = llama_generate_arrays(
-                    params, *args, key, rows_prefix, config=config, opts=opts
+                    params, batch, key, rows_prefix, config=config, opts=opts
                 )
                 prompt_logits = out.prompt_logits
         chunk_results = _results(out.loop, len(chunk), prompt_logits, [len(r) for r in tokens])

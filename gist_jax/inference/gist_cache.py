@@ -37,7 +37,7 @@ import numpy as np
 from gist_jax import gist
 from gist_jax.inference import decode
 from gist_jax.inference.decode import Generation
-from gist_jax.inference.programs import TRACE_COUNTS, SamplingConfig, rules_context
+from gist_jax.inference.programs import Rows, SamplingConfig, tracing
 from gist_jax.models.attention import KVCache
 from gist_jax.models.family import family_of
 
@@ -194,18 +194,14 @@ def check_prompts(prompts: Sequence[Sequence[int]], gist_token_id: int | None) -
 
 def _llama_compress(
     params: Any,
-    input_ids: jax.Array,
-    positions: jax.Array,
-    first: jax.Array,
-    last: jax.Array,
+    rows: Rows,
     *,
     config: Any,
     num_gist: int,
     rules: Any,
 ) -> GistCache:
-    TRACE_COUNTS["llama_compress"] += 1
-    with rules_context(rules):
-        model = family_of(config).build(config)
+    with tracing("llama_compress", config, rules) as model:
+        input_ids, positions, first, last = rows.ids, rows.positions, rows.first, rows.last
         batch, length = input_ids.shape
         cache = KVCache.empty(
             config.num_hidden_layers,
@@ -233,18 +229,14 @@ def _llama_compress(
 
 def _t5_compress(
     params: Any,
-    input_ids: jax.Array,
-    positions: jax.Array,
-    first: jax.Array,
-    last: jax.Array,
+    rows: Rows,
     *,
     config: Any,
     num_gist: int,
     rules: Any,
 ) -> GistCache:
-    TRACE_COUNTS["t5_compress"] += 1
-    with rules_context(rules):
-        model = family_of(config).build(config)
+    with tracing("t5_compress", config, rules) as model:
+        input_ids, positions, first, last = rows.ids, rows.positions, rows.first, rows.last
         mask = gist.encoder_self_mask(positions, positions, first, last, "gist")
         out = model.apply(
             {"params": params},
@@ -295,15 +287,15 @@ def compress(
     params = decode.place_params(params, config, mesh)
     parts: list[GistCache] = []
     order: list[int] = []
-    for chunk, rows in decode.padded_batches([len(p) for p in prompts], batch_size):
-        tokens = [list(prompts[i]) for i in rows]
+    for chunk, padded in decode.padded_batches([len(p) for p in prompts], batch_size):
+        tokens = [list(prompts[i]) for i in padded]
         ids, positions = decode.pad_rows(
             tokens, decode.bucket_length(max(map(len, tokens))), pad_id
         )
         first, last = gist.gist_spans(np.where(positions >= 0, ids, -1), gist_id)
-        args = [decode.place_batch(a, mesh) for a in (ids, positions, first, last)]
+        rows = decode.place_rows(ids, positions, first, last, mesh)
         with decode.mesh_context(mesh):
-            part = fn(params, *args, config=config, num_gist=num_gist, rules=rules)
+            part = fn(params, rows, config=config, num_gist=num_gist, rules=rules)
         parts.append(part.take(np.arange(len(chunk))))
         order.extend(chunk)
     cache = GistCache.concatenate(parts)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
@@ -42,7 +43,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gist_jax import gist
+from gist_jax import gist, sharding
 from gist_jax.models.attention import KVCache
 from gist_jax.models.family import family_of
 
@@ -97,12 +98,29 @@ class DecodeOptions:
         gist.check_condition(self.condition)
 
 
-def rules_context(rules: tuple[tuple[str, Any], ...] | None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if rules is None else nn.logical_axis_rules(list(rules))
-
-
 # ---------------------------------------------------------------------------------------
 # Sampling and the loop (traced code)
+
+
+@flax.struct.dataclass
+class Rows:
+    """A right-padded batch as the programs take it: ``ids``/``positions`` ``int32[B, P]``
+    (positions absolute, -1 at padding) and each row's gist span ``first``/``last``
+    ``int32[B]`` in the same coordinates (-1 = no gist)."""
+
+    ids: jax.Array
+    positions: jax.Array
+    first: jax.Array
+    last: jax.Array
+
+
+@contextlib.contextmanager
+def tracing(name: str, config: Any, rules: Any) -> Iterator[nn.Module]:
+    """Inside a program being traced: count the trace, apply the logical axis rules (if
+    any) and give the family's model."""
+    TRACE_COUNTS[name] += 1
+    with sharding.rules_context(rules):
+        yield family_of(config).build(config)
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -217,19 +235,15 @@ class LlamaDecodeOutput:
 
 def _llama_generate(
     params: Any,
-    input_ids: jax.Array,
-    positions: jax.Array,
-    first: jax.Array,
-    last: jax.Array,
+    rows: Rows,
     rng: jax.Array,
     prefix: GistCache | None,
     *,
     config: Any,
     opts: DecodeOptions,
 ) -> LlamaDecodeOutput:
-    TRACE_COUNTS["llama_generate"] += 1
-    with rules_context(opts.rules):
-        model = family_of(config).build(config)
+    with tracing("llama_generate", config, opts.rules) as model:
+        input_ids, positions, first, last = rows.ids, rows.positions, rows.first, rows.last
         batch, length = input_ids.shape
         n_prefix = 0 if prefix is None else prefix.positions.shape[1]
         # Prompt slots, then one slot per generated token but the last (never fed back).
@@ -287,9 +301,7 @@ def _llama_generate(
 llama_generate_arrays = jax.jit(_llama_generate, static_argnames=("config", "opts"))
 llama_generate_arrays.__doc__ = """Jitted LLaMA decode of a right-padded batch.
 
-Args: params; ``input_ids``/``positions`` ``int32[B, P]`` (positions absolute, -1 at
-padding); gist spans ``first``/``last`` ``int32[B]`` in the same coordinates (-1 = none);
-``rng``; ``prefix`` (a ``GistCache`` row per example: keys/values at slots 0..k-1) or None;
+Args: params; ``rows`` (``Rows``: the right-padded batch and its gist spans); ``rng``; ``prefix`` (a ``GistCache`` row per example: keys/values at slots 0..k-1) or None;
 static ``config`` and ``opts``. Returns ``LlamaDecodeOutput``."""
 
 
@@ -304,10 +316,7 @@ class T5DecodeOutput:
 
 def _t5_generate(
     params: Any,
-    input_ids: jax.Array,
-    positions: jax.Array,
-    first: jax.Array,
-    last: jax.Array,
+    rows: Rows,
     rng: jax.Array,
     prefix: GistCache | None,
     *,
@@ -315,9 +324,8 @@ def _t5_generate(
     opts: DecodeOptions,
     start_id: int,
 ) -> T5DecodeOutput:
-    TRACE_COUNTS["t5_generate"] += 1
-    with rules_context(opts.rules):
-        model = family_of(config).build(config)
+    with tracing("t5_generate", config, opts.rules) as model:
+        input_ids, positions, first, last = rows.ids, rows.positions, rows.first, rows.last
         variables = {"params": params}
         batch = input_ids.shape[0]
         if prefix is None:

@@ -19,7 +19,6 @@ Outputs in the workdir: ``model_config.json``, ``metrics.jsonl``, ``tensorboard/
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -127,10 +126,6 @@ def _activation_rules(
     if not config.mesh.constrain_activations:
         return None
     return shd.activation_rules(mesh, _model_dims(loaded.config))
-
-
-def _rules_context(rules: Any) -> contextlib.AbstractContextManager:
-    return nn.logical_axis_rules(rules) if rules is not None else contextlib.nullcontext()
 
 
 def _probe_rules(rules: Any, loss_probe: Callable[[], Any], logger: MetricsLogger) -> Any:
@@ -425,7 +420,7 @@ def _train_and_evaluate(
             )
             setup_s = time.monotonic() - started
             loop_start = time.monotonic()
-            with _rules_context(rules):
+            with shd.rules_context(rules):
                 pending: list[dict[str, Any]] = []
                 timer, timed = time.monotonic(), 0
                 logger.start_bar(step)
