@@ -630,7 +630,7 @@ class Suite:
             else:  # ... or a trained op with a held-out argument setting
                 yield self.single(rng.choice(self.held_out_arg_ops), rng, True)
 
-    def make_split(self, split: str, num_examples: int, seed: int) -> list[dict[str, Any]]:
+    def make_split(self, split: str, num_examples: int, seed: int = 0) -> list[dict[str, Any]]:
         """``num_examples`` examples of ``split``, deterministic from ``(split, seed)``."""
         if split not in SPLITS:
             raise ValueError(f"unknown {self.name} split {split!r}; expected one of {SPLITS}")
@@ -664,10 +664,7 @@ SUITE = Suite(
     example=_example,
 )
 
-
-def make_split(split: str, num_examples: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``num_examples`` examples of ``split``, deterministic from ``(split, seed)``."""
-    return SUITE.make_split(split, num_examples, seed)
+make_split = SUITE.make_split
 
 
 def _choices(pool: Sequence[Spec], rng: random.Random) -> Any:

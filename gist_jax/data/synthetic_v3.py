@@ -802,7 +802,4 @@ SUITE = Suite(
     example=_example,
 )
 
-
-def make_split(split: str, num_examples: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``num_examples`` examples of ``split``, deterministic from ``(split, seed)``."""
-    return SUITE.make_split(split, num_examples, seed)
+make_split = SUITE.make_split
