@@ -34,8 +34,10 @@ def make_examples(gist_id: int, eos: list[int], seed: int = 0) -> list[list[int]
 
 
 @functools.cache
-def llama_model():
-    hf = fxl.make_hf_model("gqa_untied_linear_headdim_bias")
+def llama_model(name: str = "gqa_untied_linear_headdim_bias"):
+    """A tiny random model of ``fixtures_llama.TINY_CONFIGS[name]`` (LLaMA, Qwen2, Mistral)
+    as gist_jax config and params, with ``GIST_ID`` as its gist token."""
+    hf = fxl.make_hf_model(name)
     config = convert_llama.config_from_hf(hf.config.to_dict())
     config = dataclasses.replace(config, gist_token_id=fxl.GIST_ID)
     params = convert_llama.params_from_hf(fxl.hf_state_dict(hf), config)

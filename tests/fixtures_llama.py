@@ -38,11 +38,29 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         attention_bias=True,
         rope_scaling={"rope_type": "linear", "factor": 2.0},
     ),
+    # Qwen2: q/k/v biases, no o_proj bias; tied and untied.
+    "qwen2_tied": dict(
+        architecture="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+    ),
+    "qwen2_untied": dict(
+        architecture="qwen2",
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    ),
+    # Mistral: a sliding window as long as the longest test sequence (max_position_embeddings).
+    "mistral": dict(
+        architecture="mistral",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=64,
+        tie_word_embeddings=False,
+    ),
 }
 
 
 def hf_config(name: str) -> Any:
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     kwargs = dict(
         vocab_size=VOCAB,
@@ -58,17 +76,19 @@ def hf_config(name: str) -> Any:
         attn_implementation="eager",
     )
     kwargs.update(TINY_CONFIGS[name])
-    return LlamaConfig(**kwargs)
+    architecture = kwargs.pop("architecture", "llama")
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[architecture]
+    return cls(**kwargs)
 
 
 def make_hf_model(name: str, seed: int = 0) -> Any:
     """A random tiny HF model in eval mode; norm weights are randomised too (HF inits them
     to one, which would hide a norm that is skipped or applied twice)."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(name)).eval()
+    model = AutoModelForCausalLM.from_config(hf_config(name)).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname:

@@ -235,3 +235,35 @@ def test_cache_bytes_formula():
         t5_config, t5_params, [[5, 6, fxt.GIST_ID, fxt.GIST_ID]], batch_size=BATCH
     )
     assert family_of(t5_config).cache_bytes(t5_config, 2) == t5_cache.nbytes_per_prompt()
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_untied", "mistral"])
+def test_qwen2_and_mistral_compression_is_exact(name):
+    """The converted architectures decode from the gist cache exactly as the full sequence
+    under the gist mask: input-token logits against the dense reference, generated tokens
+    and their logits against the full decode."""
+    config, params = llama_model(name)
+    assert config.architecture == name.split("_")[0]
+    examples = make_examples(fxl.GIST_ID, [])
+    run = _run(config, params, examples, fxl.GIST_ID)
+    diffs = []
+    for compressed in run["compressed"]:
+        for i, tokens in enumerate(examples):
+            n_input = len(run["split"].inputs[i])
+            ref = _llama_reference_logits(config, params, tokens)[-n_input:]
+            scale = float(np.abs(ref).max())
+            diffs.append(float(np.abs(compressed[i].prompt_logits - ref).max()) / scale)
+            full = run["full"][i]
+            assert compressed[i].tokens == full.tokens, f"example {i}"
+            scale = float(np.abs(full.logits).max())
+            diffs.append(float(np.abs(compressed[i].logits - full.logits).max()) / scale)
+    _report(f"{name} compressed logits (relative)", diffs)
+    assert max(diffs) < TOL
+
+
+def test_a_sequence_longer_than_the_sliding_window_is_refused():
+    config, params = llama_model("mistral")
+    narrow = dataclasses.replace(config, sliding_window=8)
+    examples = make_examples(fxl.GIST_ID, [])
+    with pytest.raises(ValueError, match="exceed the model's sliding_window=8"):
+        decode.generate(narrow, params, examples, max_new_tokens=4)

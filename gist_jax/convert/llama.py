@@ -1,4 +1,5 @@
-"""LLaMA family: Hugging Face ``LlamaForCausalLM`` state dict <-> gist_jax params.
+"""LLaMA family: Hugging Face ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM``,
+``MistralForCausalLM``: the same tensor names) state dict <-> gist_jax params.
 
 Because gist_jax keeps rotary embeddings in HF's rotate-half layout, the mapping is renames,
 transposes and head reshapes only (no q/k permutation). HF ``nn.Linear`` weights are
@@ -51,10 +52,11 @@ def _layer_from_hf(t: Mapping[str, np.ndarray], i: int, c: LlamaConfig) -> dict[
         "v_proj": {"kernel": linear("self_attn.v_proj", kvh * dh, d).reshape(d, kvh, dh)},
         "o_proj": {"kernel": linear("self_attn.o_proj", d, h * dh).reshape(h, dh, d)},
     }
-    if c.attention_bias:
+    if c.has_qkv_bias:
         attn["q_proj"]["bias"] = bias("self_attn.q_proj", h * dh).reshape(h, dh)
         attn["k_proj"]["bias"] = bias("self_attn.k_proj", kvh * dh).reshape(kvh, dh)
         attn["v_proj"]["bias"] = bias("self_attn.v_proj", kvh * dh).reshape(kvh, dh)
+    if c.attention_bias:
         attn["o_proj"]["bias"] = bias("self_attn.o_proj", d)
     mlp: dict[str, Any] = {
         "gate_proj": {"kernel": linear("mlp.gate_proj", f, d)},
@@ -85,7 +87,7 @@ def expected_hf_names(config: LlamaConfig) -> set[str]:
         names |= {pre + "input_layernorm.weight", pre + "post_attention_layernorm.weight"}
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             names.add(f"{pre}self_attn.{proj}.weight")
-            if config.attention_bias:
+            if config.attention_bias or (config.qkv_bias and proj != "o_proj"):
                 names.add(f"{pre}self_attn.{proj}.bias")
         for proj in ("gate_proj", "up_proj", "down_proj"):
             names.add(f"{pre}mlp.{proj}.weight")
@@ -165,7 +167,7 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
         out[pre + "self_attn.o_proj.weight"] = (
             np.asarray(attn["o_proj"]["kernel"]).reshape(h * dh, d).T
         )
-        if c.attention_bias:
+        if c.has_qkv_bias:
             out[pre + "self_attn.q_proj.bias"] = np.asarray(attn["q_proj"]["bias"]).reshape(h * dh)
             out[pre + "self_attn.k_proj.bias"] = np.asarray(attn["k_proj"]["bias"]).reshape(
                 kvh * dh
@@ -173,6 +175,7 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
             out[pre + "self_attn.v_proj.bias"] = np.asarray(attn["v_proj"]["bias"]).reshape(
                 kvh * dh
             )
+        if c.attention_bias:
             out[pre + "self_attn.o_proj.bias"] = np.asarray(attn["o_proj"]["bias"])
         for proj in ("gate_proj", "up_proj", "down_proj"):
             out[f"{pre}mlp.{proj}.weight"] = np.asarray(mlp[proj]["kernel"]).T

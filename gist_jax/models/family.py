@@ -242,13 +242,20 @@ def supported_model_types() -> tuple[str, ...]:
     return tuple(FAMILIES)
 
 
+# Hugging Face model types that a family reads and writes besides its own name.
+HF_MODEL_TYPES: dict[str, str] = {"qwen2": "llama", "mistral": "llama"}
+
+
 def family_named(model_type: Any) -> Family:
-    """The family of a ``model_type`` string ("llama", "t5")."""
-    if model_type not in FAMILIES:
+    """The family of a ``model_type`` string: a family's name ("llama", "t5") or a Hugging
+    Face model type it converts ("qwen2", "mistral": LLaMA with other flags)."""
+    name = HF_MODEL_TYPES.get(model_type, model_type)
+    if name not in FAMILIES:
+        supported = ", ".join([*FAMILIES, *HF_MODEL_TYPES])
         raise UnsupportedModelError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}"
+            f"unsupported model_type {model_type!r}; supported: {supported}"
         )
-    return FAMILIES[model_type]
+    return FAMILIES[name]
 
 
 def family_of(config: Any) -> Family:

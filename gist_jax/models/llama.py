@@ -58,6 +58,12 @@ from gist_jax.models.attention import (
 from gist_jax.models.layers import ConfigMethods, RMSNorm, Unembed, remat
 
 ROPE_TYPES = ("default", "linear", "llama3")
+# Hugging Face architectures that are this model with other flags: name -> HF class.
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",  # q/k/v biases, no o_proj bias
+    "mistral": "MistralForCausalLM",  # an optional sliding window
+}
 
 # Fields that describe how the model runs here, not the network itself: they are stored in
 # model_config.json (the params layout follows scan_layers) but never written to HF.
@@ -95,8 +101,13 @@ class LlamaConfig(ConfigMethods):
     rope_original_max_position_embeddings: int | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (LLaMA's attention_bias)
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2)
     mlp_bias: bool = False
+    # Mistral: a key farther back than this many positions is not attended to. Not
+    # implemented: a sequence longer than the window is refused (see `_check_window`).
+    sliding_window: int | None = None
+    architecture: str = "llama"  # the HF architecture it converts to and from (HF_ARCHITECTURES)
     initializer_range: float = 0.02
     bos_token_id: int | tuple[int, ...] | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -117,12 +128,21 @@ class LlamaConfig(ConfigMethods):
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.architecture not in HF_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {self.architecture!r} is not supported; supported: "
+                f"{tuple(HF_ARCHITECTURES)}"
+            )
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(
                 f"rope type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}"
             )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             object.__setattr__(self, name, _as_token_ids(getattr(self, name)))
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.attention_bias or self.qkv_bias
 
     # ---- gist_jax's own JSON form (model_config.json) ----
 
@@ -142,10 +162,16 @@ class LlamaConfig(ConfigMethods):
         Raises ``ValueError`` naming the field for features this model does not implement.
         """
         model_type = hf.get("model_type")
-        if model_type != cls.model_type:
+        if model_type not in HF_ARCHITECTURES:
             raise ValueError(
-                f"config.json has model_type {model_type!r}, expected {cls.model_type!r}"
+                f"config.json has model_type {model_type!r}, expected one of "
+                f"{tuple(HF_ARCHITECTURES)}"
             )
+        if hf.get("use_sliding_window"):
+            raise ValueError(
+                "use_sliding_window=true (Qwen2's per-layer sliding window) is not supported"
+            )
+        window = hf.get("sliding_window") if model_type == "mistral" else None
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (LLaMA uses 'silu')")
@@ -164,8 +190,11 @@ class LlamaConfig(ConfigMethods):
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            attention_bias=model_type == "llama" and bool(hf.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2",
+            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+            sliding_window=None if window is None else int(window),
+            architecture=model_type,
             initializer_range=float(hf.get("initializer_range", 0.02)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
@@ -183,9 +212,21 @@ class LlamaConfig(ConfigMethods):
             rope["high_freq_factor"] = self.rope_high_freq_factor
             rope["original_max_position_embeddings"] = self.rope_original_max_position_embeddings
         d = self.to_dict()
+        arch = self.architecture
+        # What each HF class reads beyond the LLaMA fields it shares: LLaMA's bias flags,
+        # Qwen2's (off) sliding window, Mistral's window.
+        extra: dict[str, Any] = {
+            "llama": {"attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias},
+            "qwen2": {
+                "use_sliding_window": False,
+                "sliding_window": None,
+                "max_window_layers": self.num_hidden_layers,
+            },
+            "mistral": {"sliding_window": self.sliding_window},
+        }[arch]
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [HF_ARCHITECTURES[arch]],
+            "model_type": arch,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -201,8 +242,7 @@ class LlamaConfig(ConfigMethods):
             "rope_theta": self.rope_theta,
             "rope_scaling": None if self.rope_type == "default" else dict(rope),
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
+            **extra,
             "attention_dropout": 0.0,
             "initializer_range": self.initializer_range,
             "bos_token_id": d["bos_token_id"],
@@ -339,7 +379,7 @@ class Attention(nn.Module):
                 heads=heads,
                 head_dim=cfg.head_dim,
                 kernel_init=_init(cfg, ("embed", head_axis, "head_dim")),
-                bias_init=_zeros((head_axis, "head_dim")) if cfg.attention_bias else None,
+                bias_init=_zeros((head_axis, "head_dim")) if cfg.has_qkv_bias else None,
                 dtype=dtype,
                 name=name,
             )
@@ -372,6 +412,7 @@ class Attention(nn.Module):
                 new_kv = write_stacked_cache(kv[0], kv[1], self.cache_layer, end, k, v)
                 cache_k, cache_v = new_kv[0][self.cache_layer], new_kv[1][self.cache_layer]
             keys_t, values = cache_k.transpose(0, 2, 3, 1), cache_v.transpose(0, 2, 1, 3)
+        _check_window(cfg, keys_t.shape[-1])
         out = heads_major_attention(q, keys_t.astype(dtype), values.astype(dtype), mask)
         out = HeadMerge(
             features=cfg.hidden_size,
@@ -381,6 +422,18 @@ class Attention(nn.Module):
             name="o_proj",
         )(_flat_tokens(out, keep=2))
         return out.reshape(batch, length, cfg.hidden_size), new_kv
+
+
+def _check_window(cfg: LlamaConfig, num_keys: int) -> None:
+    """Refuse (at trace time) attention over more keys than a Mistral sliding window: up
+    to the window, sliding-window attention is full attention; beyond it, it is not
+    implemented, and silently attending to everything would not be the model."""
+    if cfg.sliding_window is not None and num_keys > cfg.sliding_window:
+        raise ValueError(
+            f"{num_keys} keys exceed the model's sliding_window={cfg.sliding_window}; "
+            "sliding-window attention is not implemented: keep prompt + generated tokens "
+            f"(and data.max_length) within {cfg.sliding_window}"
+        )
 
 
 class MLP(nn.Module):
