@@ -268,7 +268,7 @@ def test_transformers5_tied_head_without_scaling(tmp_path):
 
 def test_config_mapping():
     _, config = reference("v1_1")
-    hf = config.to_hf_config()
+    hf = convert_t5.config_to_hf(config)
     assert convert_t5.config_from_hf(hf) == config
     # transformers 4.x spelling (no scale_decoder_outputs) and 5.x spelling.
     assert not convert_t5.config_from_hf({**hf, "tie_word_embeddings": False}).tie_word_embeddings

@@ -259,27 +259,25 @@ def test_config_round_trips_and_hf_rope_spellings(models):
     for _, config, _ in models.values():
         assert llama.LlamaConfig.from_dict(config.to_dict()) == config
         assert config_from_dict(config.to_dict()) == config
-        assert llama.LlamaConfig.from_hf_config(config.to_hf_config()) == config
+        assert convert_llama.config_from_hf(convert_llama.config_to_hf(config)) == config
     _, config, _ = models["gqa_tied_llama3"]
     assert config.rope_type == "llama3" and config.rope_theta == 500000.0
     assert config.rope_original_max_position_embeddings == 16
     # transformers 4.x spelling: top-level rope_theta + rope_scaling with "type".
-    old = {k: v for k, v in config.to_hf_config().items() if k != "rope_parameters"}
+    old = {k: v for k, v in convert_llama.config_to_hf(config).items() if k != "rope_parameters"}
     old["rope_scaling"] = {"type": "linear", "factor": 4.0}
     old["rope_theta"] = 1234.0
-    parsed = llama.LlamaConfig.from_hf_config(old)
+    parsed = convert_llama.config_from_hf(old)
     assert (parsed.rope_type, parsed.rope_factor, parsed.rope_theta) == ("linear", 4.0, 1234.0)
     # What we write is what transformers 5 reads.
     from transformers import LlamaConfig as HFLlamaConfig
 
-    hf = HFLlamaConfig(**config.to_hf_config())
+    hf = HFLlamaConfig(**convert_llama.config_to_hf(config))
     assert hf.rope_parameters["rope_type"] == "llama3"
     assert hf.rope_parameters["rope_theta"] == 500000.0
     assert hf.rope_parameters["factor"] == 8.0
     with pytest.raises(ValueError, match="yarn"):
-        llama.LlamaConfig.from_hf_config(
-            {**old, "rope_scaling": {"rope_type": "yarn", "factor": 2}}
-        )
+        convert_llama.config_from_hf({**old, "rope_scaling": {"rope_type": "yarn", "factor": 2}})
 
 
 def test_rope_frequencies_match_transformers(models):

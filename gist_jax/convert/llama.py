@@ -17,22 +17,148 @@ import numpy as np
 
 from gist_jax.convert import common
 from gist_jax.convert.common import ConversionError, take_tensor
-from gist_jax.models.llama import LlamaConfig, stack_layers
+from gist_jax.models.llama import ROPE_TYPES, LlamaConfig, stack_layers
 
 # HF buffers that older checkpoints saved and that carry no learned weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+# gist_jax architecture name -> the Hugging Face class it is.
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",  # q/k/v biases, no o_proj bias
+    "mistral": "MistralForCausalLM",  # an optional sliding window
+}
+
+
 def config_from_hf(hf_config: Mapping[str, Any]) -> LlamaConfig:
-    """``LlamaConfig`` from an HF config.json dict; unsupported features are errors."""
+    """``LlamaConfig`` from an HF config.json dict (transformers 4.x or 5.x spelling);
+    unsupported features are ``ConversionError``s naming the field."""
     try:
-        return LlamaConfig.from_hf_config(hf_config)
+        return _config_from_hf(hf_config)
     except (KeyError, ValueError) as err:
         raise ConversionError(f"config.json: cannot build a LLaMA config: {err}") from err
 
 
+def _config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
+    """Build from an HF ``config.json`` dict (transformers 4.x or 5.x spelling).
+
+    Raises ``ValueError`` naming the field for features this model does not implement.
+    """
+    model_type = hf.get("model_type")
+    if model_type not in HF_ARCHITECTURES:
+        raise ValueError(
+            f"config.json has model_type {model_type!r}, expected one of {tuple(HF_ARCHITECTURES)}"
+        )
+    if hf.get("use_sliding_window"):
+        raise ValueError(
+            "use_sliding_window=true (Qwen2's per-layer sliding window) is not supported"
+        )
+    window = hf.get("sliding_window") if model_type == "mistral" else None
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported (LLaMA uses 'silu')")
+    heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    head_dim = hf.get("head_dim") or hidden // heads
+    rope = _read_hf_rope(hf)
+    return LlamaConfig(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(hf["intermediate_size"]),
+        num_hidden_layers=int(hf["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "llama" and bool(hf.get("attention_bias", False)),
+        qkv_bias=model_type == "qwen2",
+        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+        sliding_window=None if window is None else int(window),
+        architecture=model_type,
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        **rope,
+    )
+
+
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
-    return config.to_hf_config()
+    """An HF ``config.json`` dict that transformers 5 reads back into the same model."""
+    rope: dict[str, Any] = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
+    if config.rope_type in ("linear", "llama3"):
+        rope["factor"] = config.rope_factor
+    if config.rope_type == "llama3":
+        rope["low_freq_factor"] = config.rope_low_freq_factor
+        rope["high_freq_factor"] = config.rope_high_freq_factor
+        rope["original_max_position_embeddings"] = config.rope_original_max_position_embeddings
+    d = config.to_dict()
+    arch = config.architecture
+    # What each HF class reads beyond the LLaMA fields it shares: LLaMA's bias flags,
+    # Qwen2's (off) sliding window, Mistral's window.
+    extra: dict[str, Any] = {
+        "llama": {"attention_bias": config.attention_bias, "mlp_bias": config.mlp_bias},
+        "qwen2": {
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": config.num_hidden_layers,
+        },
+        "mistral": {"sliding_window": config.sliding_window},
+    }[arch]
+    return {
+        "architectures": [HF_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_parameters": rope,
+        # Older readers (transformers 4.x) look for these two; 5.x folds them in.
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None if config.rope_type == "default" else dict(rope),
+        "tie_word_embeddings": config.tie_word_embeddings,
+        **extra,
+        "attention_dropout": 0.0,
+        "initializer_range": config.initializer_range,
+        "bos_token_id": d["bos_token_id"],
+        "eos_token_id": d["eos_token_id"],
+        "pad_token_id": d["pad_token_id"],
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def _read_hf_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Rope fields from ``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x)."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError("per-layer-type rope_parameters are not supported for LLaMA")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
+    if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported for LLaMA")
+    out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": float(theta)}
+    if rope_type in ("linear", "llama3"):
+        out["rope_factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        out["rope_low_freq_factor"] = float(params["low_freq_factor"])
+        out["rope_high_freq_factor"] = float(params["high_freq_factor"])
+        out["rope_original_max_position_embeddings"] = int(
+            params.get("original_max_position_embeddings")
+            or hf.get("max_position_embeddings", 2048)
+        )
+    return out
 
 
 def _layer_from_hf(t: Mapping[str, np.ndarray], i: int, c: LlamaConfig) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from gist_jax.convert import common
 from gist_jax.convert.common import ConversionError, take_tensor
-from gist_jax.models.t5 import T5Config, stack_layers
+from gist_jax.models.t5 import T5Config, activation_of, stack_layers
 
 # Tensors some HF T5 checkpoints carry that hold nothing we need: tied copies of the
 # shared embedding (checked equal below) and a cross-attention bias HF itself ignores.
@@ -33,13 +33,84 @@ _IGNORED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.wei
 def config_from_hf(hf_config: Mapping[str, Any]) -> T5Config:
     """``T5Config`` from an HF config.json dict; unsupported features are errors."""
     try:
-        return T5Config.from_hf_config(hf_config)
+        return _config_from_hf(hf_config)
     except (KeyError, ValueError, TypeError) as err:
         raise ConversionError(f"config.json: cannot build a T5 config: {err}") from err
 
 
+def _config_from_hf(hf: Mapping[str, Any]) -> T5Config:
+    """Build from an HF ``config.json`` dict (transformers 4.x or 5.x).
+
+    transformers 5 always reports ``tie_word_embeddings: true`` for T5 and keeps the
+    v1.0/v1.1 distinction in ``scale_decoder_outputs``; 4.x only has
+    ``tie_word_embeddings``. Either way, output scaling goes with the tied embedding.
+    """
+    model_type = hf.get("model_type")
+    if model_type != T5Config.model_type:
+        raise ValueError(
+            f"config.json has model_type {model_type!r}, expected {T5Config.model_type!r}"
+        )
+    tie = hf.get("tie_word_embeddings", True) is not False
+    scale = bool(hf.get("scale_decoder_outputs", tie))
+    if scale and not tie:
+        raise ValueError(
+            "scale_decoder_outputs=true with tie_word_embeddings=false (a separate "
+            "lm_head with v1.0 output scaling) is not a T5 variant this model implements"
+        )
+    num_layers = int(hf["num_layers"])
+    start = hf.get("decoder_start_token_id")
+    pad = hf.get("pad_token_id")
+    return T5Config(
+        vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["d_model"]),
+        d_kv=int(hf["d_kv"]),
+        d_ff=int(hf["d_ff"]),
+        num_layers=num_layers,
+        num_decoder_layers=int(hf.get("num_decoder_layers") or num_layers),
+        num_heads=int(hf["num_heads"]),
+        relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+        relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+        feed_forward_proj=str(hf.get("feed_forward_proj", "relu")),
+        dense_act_fn=hf.get("dense_act_fn"),
+        tie_word_embeddings=scale,
+        initializer_factor=float(hf.get("initializer_factor", 1.0)),
+        pad_token_id=0 if pad is None else int(pad),
+        eos_token_id=int(hf.get("eos_token_id", 1)),
+        decoder_start_token_id=int(start if start is not None else (pad or 0)),
+    )
+
+
 def config_to_hf(config: T5Config) -> dict[str, Any]:
-    return config.to_hf_config()
+    """An HF ``config.json`` dict that transformers (4.x and 5.x) reads back into the
+    same model (``tie_word_embeddings: false`` makes 5.x turn output scaling off)."""
+    is_gated, _ = activation_of(config.feed_forward_proj)
+    return {
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "vocab_size": config.vocab_size,
+        "d_model": config.d_model,
+        "d_kv": config.d_kv,
+        "d_ff": config.d_ff,
+        "num_layers": config.num_layers,
+        "num_decoder_layers": config.num_decoder_layers,
+        "num_heads": config.num_heads,
+        "relative_attention_num_buckets": config.relative_attention_num_buckets,
+        "relative_attention_max_distance": config.relative_attention_max_distance,
+        "dropout_rate": 0.1,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_factor": config.initializer_factor,
+        "feed_forward_proj": config.feed_forward_proj,
+        "dense_act_fn": config.dense_act_fn,
+        "is_gated_act": is_gated,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "is_encoder_decoder": True,
+        "use_cache": True,
+        "pad_token_id": config.pad_token_id,
+        "eos_token_id": config.eos_token_id,
+        "decoder_start_token_id": config.decoder_start_token_id,
+        "torch_dtype": "float32",
+    }
 
 
 def _ff_names(config: T5Config) -> tuple[str, ...]:

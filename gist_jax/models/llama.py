@@ -58,12 +58,8 @@ from gist_jax.models.attention import (
 from gist_jax.models.layers import ConfigMethods, RMSNorm, Unembed, remat
 
 ROPE_TYPES = ("default", "linear", "llama3")
-# Hugging Face architectures that are this model with other flags: name -> HF class.
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",  # q/k/v biases, no o_proj bias
-    "mistral": "MistralForCausalLM",  # an optional sliding window
-}
+# The Hugging Face architectures that are this model with other flags (gist_jax.convert.llama).
+ARCHITECTURES = ("llama", "qwen2", "mistral")
 
 # Fields that describe how the model runs here, not the network itself: they are stored in
 # model_config.json (the params layout follows scan_layers) but never written to HF.
@@ -81,8 +77,7 @@ class LlamaConfig(ConfigMethods):
     """Hyper-parameters of a LLaMA-family model (hashable: Flax modules hold it).
 
     The rope scaling parameters are flat fields rather than a dict so the config stays
-    hashable; ``from_hf_config`` / ``to_hf_config`` translate to and from HF's
-    ``rope_parameters`` (transformers >= 5) or ``rope_scaling`` + ``rope_theta`` (older).
+    hashable; ``gist_jax.convert.llama`` translates them to and from HF's config.json.
     """
 
     vocab_size: int
@@ -107,7 +102,7 @@ class LlamaConfig(ConfigMethods):
     # Mistral: a key farther back than this many positions is not attended to. Not
     # implemented: a sequence longer than the window is refused (see `_check_window`).
     sliding_window: int | None = None
-    architecture: str = "llama"  # the HF architecture it converts to and from (HF_ARCHITECTURES)
+    architecture: str = "llama"  # the HF architecture it converts to and from (ARCHITECTURES)
     initializer_range: float = 0.02
     bos_token_id: int | tuple[int, ...] | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -128,10 +123,9 @@ class LlamaConfig(ConfigMethods):
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.architecture not in HF_ARCHITECTURES:
+        if self.architecture not in ARCHITECTURES:
             raise ValueError(
-                f"architecture {self.architecture!r} is not supported; supported: "
-                f"{tuple(HF_ARCHITECTURES)}"
+                f"architecture {self.architecture!r} is not supported; supported: {ARCHITECTURES}"
             )
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(
@@ -152,129 +146,6 @@ class LlamaConfig(ConfigMethods):
             if isinstance(d[name], tuple):
                 d[name] = list(d[name])
         return d
-
-    # ---- Hugging Face config.json ----
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any]) -> LlamaConfig:
-        """Build from an HF ``config.json`` dict (transformers 4.x or 5.x spelling).
-
-        Raises ``ValueError`` naming the field for features this model does not implement.
-        """
-        model_type = hf.get("model_type")
-        if model_type not in HF_ARCHITECTURES:
-            raise ValueError(
-                f"config.json has model_type {model_type!r}, expected one of "
-                f"{tuple(HF_ARCHITECTURES)}"
-            )
-        if hf.get("use_sliding_window"):
-            raise ValueError(
-                "use_sliding_window=true (Qwen2's per-layer sliding window) is not supported"
-            )
-        window = hf.get("sliding_window") if model_type == "mistral" else None
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act {act!r} is not supported (LLaMA uses 'silu')")
-        heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        head_dim = hf.get("head_dim") or hidden // heads
-        rope = _read_hf_rope(hf)
-        return cls(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_hidden_layers=int(hf["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=model_type == "llama" and bool(hf.get("attention_bias", False)),
-            qkv_bias=model_type == "qwen2",
-            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-            sliding_window=None if window is None else int(window),
-            architecture=model_type,
-            initializer_range=float(hf.get("initializer_range", 0.02)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
-            **rope,
-        )
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """An HF ``config.json`` dict that transformers 5 reads back into the same model."""
-        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
-        if self.rope_type in ("linear", "llama3"):
-            rope["factor"] = self.rope_factor
-        if self.rope_type == "llama3":
-            rope["low_freq_factor"] = self.rope_low_freq_factor
-            rope["high_freq_factor"] = self.rope_high_freq_factor
-            rope["original_max_position_embeddings"] = self.rope_original_max_position_embeddings
-        d = self.to_dict()
-        arch = self.architecture
-        # What each HF class reads beyond the LLaMA fields it shares: LLaMA's bias flags,
-        # Qwen2's (off) sliding window, Mistral's window.
-        extra: dict[str, Any] = {
-            "llama": {"attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias},
-            "qwen2": {
-                "use_sliding_window": False,
-                "sliding_window": None,
-                "max_window_layers": self.num_hidden_layers,
-            },
-            "mistral": {"sliding_window": self.sliding_window},
-        }[arch]
-        return {
-            "architectures": [HF_ARCHITECTURES[arch]],
-            "model_type": arch,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rope_parameters": rope,
-            # Older readers (transformers 4.x) look for these two; 5.x folds them in.
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_type == "default" else dict(rope),
-            "tie_word_embeddings": self.tie_word_embeddings,
-            **extra,
-            "attention_dropout": 0.0,
-            "initializer_range": self.initializer_range,
-            "bos_token_id": d["bos_token_id"],
-            "eos_token_id": d["eos_token_id"],
-            "pad_token_id": d["pad_token_id"],
-            "use_cache": True,
-            "dtype": "float32",
-        }
-
-
-def _read_hf_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """Rope fields from ``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x)."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if any(isinstance(v, Mapping) for v in params.values()):
-        raise ValueError("per-layer-type rope_parameters are not supported for LLaMA")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
-    if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0)) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported for LLaMA")
-    out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": float(theta)}
-    if rope_type in ("linear", "llama3"):
-        out["rope_factor"] = float(params["factor"])
-    if rope_type == "llama3":
-        out["rope_low_freq_factor"] = float(params["low_freq_factor"])
-        out["rope_high_freq_factor"] = float(params["high_freq_factor"])
-        out["rope_original_max_position_embeddings"] = int(
-            params.get("original_max_position_embeddings")
-            or hf.get("max_position_embeddings", 2048)
-        )
-    return out
 
 
 # ---------------------------------------------------------------------------------------

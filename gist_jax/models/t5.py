@@ -82,7 +82,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def _activation_of(feed_forward_proj: str) -> tuple[bool, str]:
+def activation_of(feed_forward_proj: str) -> tuple[bool, str]:
     """``(is_gated, activation)`` the way ``transformers.T5Config`` derives them."""
     parts = feed_forward_proj.split("-")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
@@ -130,7 +130,7 @@ class T5Config(ConfigMethods):
         self.check_common_fields()
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
-        _, derived_act = _activation_of(self.feed_forward_proj)
+        _, derived_act = activation_of(self.feed_forward_proj)
         if self.dense_act_fn is None:
             object.__setattr__(self, "dense_act_fn", derived_act)
         if self.dense_act_fn not in ACTIVATIONS:
@@ -142,83 +142,7 @@ class T5Config(ConfigMethods):
 
     @property
     def is_gated_act(self) -> bool:
-        return _activation_of(self.feed_forward_proj)[0]
-
-    # ---- Hugging Face config.json ----
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any]) -> T5Config:
-        """Build from an HF ``config.json`` dict (transformers 4.x or 5.x).
-
-        transformers 5 always reports ``tie_word_embeddings: true`` for T5 and keeps the
-        v1.0/v1.1 distinction in ``scale_decoder_outputs``; 4.x only has
-        ``tie_word_embeddings``. Either way, output scaling goes with the tied embedding.
-        """
-        model_type = hf.get("model_type")
-        if model_type != cls.model_type:
-            raise ValueError(
-                f"config.json has model_type {model_type!r}, expected {cls.model_type!r}"
-            )
-        tie = hf.get("tie_word_embeddings", True) is not False
-        scale = bool(hf.get("scale_decoder_outputs", tie))
-        if scale and not tie:
-            raise ValueError(
-                "scale_decoder_outputs=true with tie_word_embeddings=false (a separate "
-                "lm_head with v1.0 output scaling) is not a T5 variant this model implements"
-            )
-        num_layers = int(hf["num_layers"])
-        start = hf.get("decoder_start_token_id")
-        pad = hf.get("pad_token_id")
-        return cls(
-            vocab_size=int(hf["vocab_size"]),
-            d_model=int(hf["d_model"]),
-            d_kv=int(hf["d_kv"]),
-            d_ff=int(hf["d_ff"]),
-            num_layers=num_layers,
-            num_decoder_layers=int(hf.get("num_decoder_layers") or num_layers),
-            num_heads=int(hf["num_heads"]),
-            relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
-            relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
-            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
-            feed_forward_proj=str(hf.get("feed_forward_proj", "relu")),
-            dense_act_fn=hf.get("dense_act_fn"),
-            tie_word_embeddings=scale,
-            initializer_factor=float(hf.get("initializer_factor", 1.0)),
-            pad_token_id=0 if pad is None else int(pad),
-            eos_token_id=int(hf.get("eos_token_id", 1)),
-            decoder_start_token_id=int(start if start is not None else (pad or 0)),
-        )
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """An HF ``config.json`` dict that transformers (4.x and 5.x) reads back into the
-        same model (``tie_word_embeddings: false`` makes 5.x turn output scaling off)."""
-        is_gated, _ = _activation_of(self.feed_forward_proj)
-        return {
-            "architectures": ["T5ForConditionalGeneration"],
-            "model_type": "t5",
-            "vocab_size": self.vocab_size,
-            "d_model": self.d_model,
-            "d_kv": self.d_kv,
-            "d_ff": self.d_ff,
-            "num_layers": self.num_layers,
-            "num_decoder_layers": self.num_decoder_layers,
-            "num_heads": self.num_heads,
-            "relative_attention_num_buckets": self.relative_attention_num_buckets,
-            "relative_attention_max_distance": self.relative_attention_max_distance,
-            "dropout_rate": 0.1,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "initializer_factor": self.initializer_factor,
-            "feed_forward_proj": self.feed_forward_proj,
-            "dense_act_fn": self.dense_act_fn,
-            "is_gated_act": is_gated,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "is_encoder_decoder": True,
-            "use_cache": True,
-            "pad_token_id": self.pad_token_id,
-            "eos_token_id": self.eos_token_id,
-            "decoder_start_token_id": self.decoder_start_token_id,
-            "torch_dtype": "float32",
-        }
+        return activation_of(self.feed_forward_proj)[0]
 
 
 # ---------------------------------------------------------------------------------------
