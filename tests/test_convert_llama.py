@@ -22,7 +22,7 @@ from gist_jax.convert import common, loading
 from gist_jax.convert.common import ConversionError
 from gist_jax.convert.from_hf import convert_from_hf
 from gist_jax.convert.to_hf import convert_to_hf
-from gist_jax.models import llama
+from gist_jax.models import layers, llama
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def test_sharded_safetensors_and_stacking(converted, tmp_path):
     config, params, _ = loading.load_checkpoint(ckpt)
     assert config.scan_layers and params["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == 2
     _, reference, _ = loading.load_checkpoint(entry["ckpt"])
-    restacked = llama.stack_layers(reference, config.num_hidden_layers)
+    restacked = layers.stack_layers(reference, config.num_hidden_layers)
     for x, y in zip(jax.tree.leaves(restacked), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # load_checkpoint can hand back the other layout on request.

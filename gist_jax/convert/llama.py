@@ -17,7 +17,8 @@ import numpy as np
 
 from gist_jax.convert import common
 from gist_jax.convert.common import ConversionError, take_tensor
-from gist_jax.models.llama import ROPE_TYPES, LlamaConfig, stack_layers
+from gist_jax.models.layers import stack_layers
+from gist_jax.models.llama import ROPE_TYPES, LlamaConfig
 
 # HF buffers that older checkpoints saved and that carry no learned weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

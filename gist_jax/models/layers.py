@@ -1,6 +1,8 @@
 """What both model families share: the RMS norm (LLaMA's RMSNorm and T5's LayerNorm are
-the same computation), the untied output layer, rematerialisation of a layer class, and the
-config methods for the runtime fields and gist_jax's JSON form (``model_config.json``).
+the same computation), the untied output layer, rematerialisation of a layer class, the
+config methods for the runtime fields and gist_jax's JSON form (``model_config.json``), and
+the two layouts of a layer stack (unrolled ``layers_{i}``, or one ``layers`` tree with a
+leading layer axis for ``nn.scan``).
 
 Every parameter carries logical axis names (``gist_jax.sharding`` maps them to the mesh);
 statistics and logits are float32 whatever the compute dtype, as in Hugging Face.
@@ -15,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
@@ -101,3 +104,19 @@ def remat(layer_cls: type[nn.Module], policy: str, scan_layers: bool) -> type[nn
     # (which blocks some XLA optimisations) is only needed for the unrolled stack.
     saveable = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
     return nn.remat(layer_cls, policy=saveable[policy], prevent_cse=not scan_layers)
+
+
+def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Unrolled params (``layers_0`` ... ``layers_{L-1}``) -> scanned layout (``layers``)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+    out["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
+    return out
+
+
+def unstack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Scanned params (``layers`` with a leading [L] axis) -> unrolled layout."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out

@@ -1,10 +1,9 @@
-"""Flax Linen LLaMA family (LLaMA 1/2/3, SmolLM2, and other HF ``LlamaForCausalLM`` models).
-
-This module owns the decoder-only model (norms and the untied output layer come from
-``gist_jax.models.layers``): rotary embeddings in Hugging Face's
-rotate-half layout (default, "linear" and "llama3" frequency scaling), grouped-query
-attention with an explicit head dimension, the SwiGLU MLP, a tied or untied output layer,
-an optional ``nn.scan`` over layers and optional rematerialisation, plus ``LlamaConfig``.
+"""Flax Linen LLaMA family (LLaMA 1/2/3, SmolLM2, Qwen2, Mistral: HF ``LlamaForCausalLM``
+and the architectures that are it with other flags). This module owns the decoder-only
+model and ``LlamaConfig``: rotary embeddings in Hugging Face's rotate-half layout (default,
+"linear" and "llama3" scaling), grouped-query attention with an explicit head dimension,
+the SwiGLU MLP, a tied or untied output layer (norms, output layer, remat and layer stacks
+come from ``gist_jax.models.layers``).
 
 Call contract::
 
@@ -46,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gist_jax.models import layers
 from gist_jax.models.attention import (
     HeadMerge,
     HeadProjection,
@@ -486,26 +486,10 @@ def dummy_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
     )
 
 
-def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Unrolled params (``layers_0`` ... ``layers_{L-1}``) -> scanned layout (``layers``)."""
-    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
-    out["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
-    return out
-
-
-def unstack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Scanned params (``layers`` with a leading [L] axis) -> unrolled layout."""
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(num_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
-    return out
-
-
 def relayout_params(params: Mapping[str, Any], config: LlamaConfig, scan_layers: bool) -> Any:
     """Params laid out for ``scan_layers`` whatever layout ``config`` says they are in."""
     if scan_layers == config.scan_layers:
         return params
     if scan_layers:
-        return stack_layers(params, config.num_hidden_layers)
-    return unstack_layers(params, config.num_hidden_layers)
+        return layers.stack_layers(params, config.num_hidden_layers)
+    return layers.unstack_layers(params, config.num_hidden_layers)

@@ -56,8 +56,8 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from gist_jax.models import layers
 from gist_jax.models.attention import (
     HeadMerge,
     HeadProjection,
@@ -749,10 +749,7 @@ def stack_layers(params: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
     lives at stack level, outside the layers, in both layouts."""
     out = dict(params)
     for stack, n in _stack_num_layers(config).items():
-        sub = {k: v for k, v in params[stack].items() if not k.startswith("layers_")}
-        per_layer = [params[stack][f"layers_{i}"] for i in range(n)]
-        sub["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
-        out[stack] = sub
+        out[stack] = layers.stack_layers(params[stack], n)
     return out
 
 
@@ -760,10 +757,7 @@ def unstack_layers(params: Mapping[str, Any], config: T5Config) -> dict[str, Any
     """Scanned params -> unrolled layout (inverse of ``stack_layers``)."""
     out = dict(params)
     for stack, n in _stack_num_layers(config).items():
-        sub = {k: v for k, v in params[stack].items() if k != "layers"}
-        for i in range(n):
-            sub[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params[stack]["layers"])
-        out[stack] = sub
+        out[stack] = layers.unstack_layers(params[stack], n)
     return out
 
 
