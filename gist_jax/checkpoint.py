@@ -41,6 +41,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from gist_jax import files
+
 CHECKPOINT_DIR = "checkpoints"
 # Where orbax moves checkpoints beyond `keep` before we delete them (atomic rename first).
 DELETING_DIR = ".deleting"
@@ -103,9 +105,7 @@ def check_model_config(
             )
         return
     if write:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        files.atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 def _shape_problems(saved_tree: Any, abstract_tree: Any, prefix: str) -> list[str]:
@@ -158,7 +158,7 @@ def export_model(
         (tmp / common.MODEL_CONFIG_FILE).write_text(json.dumps(dict(model_config), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / common.TOKENIZER_DIR))
-        common.replace_directory(tmp, out)
+        files.replace_directory(tmp, out)
     if multi:
         multihost_utils.sync_global_devices("gist_jax:export:done")
     return out

@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -41,6 +40,7 @@ import numpy as np
 
 from gist_jax import gist, metrics
 from gist_jax.cli.entry import run_app
+from gist_jax.eval_report import EvalReport, write_report
 from gist_jax.inference import decode, gist_cache, programs
 from gist_jax.models.family import family_of
 
@@ -57,14 +57,6 @@ class EncodedSplit:
     gist_first: list[int]
     gist_last: list[int]
     report: dict[str, Any]
-
-
-@dataclasses.dataclass
-class EvalReport:
-    metrics: dict[str, dict[str, dict[str, float]]]
-    predictions: list[dict[str, Any]]
-    compression: dict[str, dict[str, float]]
-    run: dict[str, Any]
 
 
 def encode_split(
@@ -284,131 +276,6 @@ def evaluate(
     if out_dir is not None and jax.process_index() == 0:
         write_report(report, out_dir)
     return report.metrics
-
-
-# ---------------------------------------------------------------------------------------
-# Outputs
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def markdown_tables(report: EvalReport) -> str:
-    """ROUGE-L / exact match per condition (rows) and split (columns), and compression."""
-    splits = list(report.metrics)
-    conditions = list(next(iter(report.metrics.values()))) if splits else []
-    lines = [f"## Evaluation at step {report.run['step']}", ""]
-    lines.append("| condition | " + " | ".join(f"{s} ROUGE-L | {s} EM" for s in splits) + " |")
-    lines.append("|---" * (1 + 2 * len(splits)) + "|")
-    for condition in conditions:
-        cells = []
-        for s in splits:
-            m = report.metrics[s][condition]
-            cells += [f"{m['rougeL']:.1f}", f"{m['exact_match']:.1f}"]
-        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
-    n = {s: next(iter(report.metrics[s].values()))["n"] for s in splits}
-    lines += ["", "Examples per split: " + ", ".join(f"{s} {n[s]}" for s in splits), ""]
-    lines.append(
-        "| split | distinct prompts | mean prompt tokens | gist tokens | ratio | "
-        "prompt cache bytes | gist cache bytes |"
-    )
-    lines.append("|---|---|---|---|---|---|---|")
-    for s, c in report.compression.items():
-        lines.append(
-            f"| {s} | {c['distinct_prompts']} | {c['mean_prompt_tokens']:.1f} | "
-            f"{c['num_gist_tokens']} | {c['compression_ratio']:.1f}x | "
-            f"{c['prompt_cache_bytes_per_prompt']:,.0f} | {c['gist_cache_bytes_per_prompt']:,.0f} |"
-        )
-    compiles = ", ".join(f"{k} {v}" for k, v in sorted(report.run["compilations"].items()))
-    lines += [
-        "",
-        f"Evaluation took {report.run['seconds']:.1f} s; programs compiled: "
-        f"{compiles or 'none (all cached)'}",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot_rouge(report: EvalReport, path: pathlib.Path) -> None:
-    """Grouped bars: ROUGE-L per split (groups) and condition (bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    splits = list(report.metrics)
-    conditions = list(next(iter(report.metrics.values())))
-    width = 0.8 / len(conditions)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(splits), 3.6))
-    x = np.arange(len(splits))
-    for i, condition in enumerate(conditions):
-        values = [report.metrics[s][condition]["rougeL"] for s in splits]
-        bars = ax.bar(x + (i - (len(conditions) - 1) / 2) * width, values, width, label=condition)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(x, [name.removeprefix("validation_") for name in splits])
-    ax.set_ylabel("ROUGE-L")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"ROUGE-L per split and condition (step {report.run['step']})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_compression(report: EvalReport, path: pathlib.Path) -> None:
-    """Left: mean prompt tokens vs gist tokens; right: KiB per cached prompt."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    splits = list(report.compression)
-    c = [report.compression[s] for s in splits]
-    x = np.arange(len(splits))
-    fig, axes = plt.subplots(1, 2, figsize=(2.5 + 2.4 * len(splits), 3.4))
-    for ax, keys, labels, unit in (
-        (axes[0], ("mean_prompt_tokens", "num_gist_tokens"), ("prompt", "gist"), "tokens"),
-        (
-            axes[1],
-            ("prompt_cache_bytes_per_prompt", "gist_cache_bytes_per_prompt"),
-            ("prompt cache", "gist cache"),
-            "KiB per prompt",
-        ),
-    ):
-        scale = 1024.0 if unit.startswith("KiB") else 1.0
-        for i, (key, label) in enumerate(zip(keys, labels, strict=True)):
-            bars = ax.bar(x + (i - 0.5) * 0.4, [v[key] / scale for v in c], 0.4, label=label)
-            ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_xticks(x, [name.removeprefix("validation_") for name in splits])
-        ax.set_ylabel(unit)
-        # Room above the tallest bar for its value label; the legend below the axes, where
-        # it covers no bar.
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-    fig.suptitle("Prompt compression")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(report: EvalReport, out_dir: str | os.PathLike) -> pathlib.Path:
-    """Write the files listed in the module docstring into ``out_dir``."""
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "metrics.json", json.dumps(report.metrics, indent=2) + "\n")
-    _atomic_write(out / "compression.json", json.dumps(report.compression, indent=2) + "\n")
-    _atomic_write(out / "run.json", json.dumps(report.run, indent=2) + "\n")
-    _atomic_write(
-        out / "predictions.jsonl",
-        "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in report.predictions),
-    )
-    _atomic_write(out / "results.md", markdown_tables(report))
-    plot_rouge(report, out / "rouge_l.png")
-    plot_compression(report, out / "compression.png")
-    return out
 
 
 # ---------------------------------------------------------------------------------------

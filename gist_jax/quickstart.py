@@ -236,10 +236,10 @@ def evaluated_conditions(config: ml_collections.ConfigDict) -> dict[str, tuple[s
 
 
 def merge_reports(reports: Sequence[Any], order: Sequence[str] = gist.CONDITIONS) -> Any:
-    """One ``evaluate.EvalReport`` from several (one per trained model): metrics per split
+    """One ``eval_report.EvalReport`` from several (one per trained model): metrics per split
     in condition order, predictions concatenated, compression from the first (the
     figures depend only on the model config and the prompts), runs kept per model."""
-    from gist_jax.evaluate import EvalReport
+    from gist_jax.eval_report import EvalReport
 
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     for report in reports:
@@ -423,7 +423,7 @@ def quickstart(
       progress: progress bars and messages on the console.
       devices: the devices to train on (default all).
     """
-    from gist_jax import evaluate, gap, train
+    from gist_jax import eval_report, evaluate, gap, train
     from gist_jax.convert import loading
     from gist_jax.convert.to_hf import convert_to_hf
 
@@ -493,7 +493,7 @@ def quickstart(
         )
         del params
     report = merge_reports(reports)
-    results_dir = evaluate.write_report(report, workdir / RESULTS_DIR)
+    results_dir = eval_report.write_report(report, workdir / RESULTS_DIR)
     families = family_scores(report.predictions, splits)
     if families:
         (results_dir / FAMILIES_JSON).write_text(json.dumps(families, indent=2) + "\n")
@@ -508,7 +508,7 @@ def quickstart(
         seconds["export_hf"] = time.monotonic() - t0
     seconds["total"] = time.monotonic() - started
 
-    table = evaluate.markdown_tables(report)
+    table = eval_report.markdown_tables(report)
     lines = summary_lines(report, seconds)
     _say("\n" + table + "\n" + "\n".join(lines), progress)
     _say(f"\nresults: {results_dir}  (rouge_l.png, compression.png, results.md)", progress)

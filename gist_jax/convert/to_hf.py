@@ -17,6 +17,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from gist_jax import files
 from gist_jax.cli.entry import run_app
 from gist_jax.convert import common, loading
 from gist_jax.models.family import family_of
@@ -75,7 +76,7 @@ def write_hf_dir(
     import transformers
 
     hf_config = {**hf_config, "transformers_version": transformers.__version__}
-    with common.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with files.atomic_directory(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         write_weights(tensors, tmp, max_shard_bytes)
         generation = generation_config(hf_config)

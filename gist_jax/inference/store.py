@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gist_jax.files import atomic_write_text
 from gist_jax.inference import gist_cache
 from gist_jax.inference.gist_cache import GistCache
 from gist_jax.models.family import config_from_dict, family_named, family_of
@@ -156,13 +157,6 @@ def _read_array(path: pathlib.Path) -> Any:
     return ts.open(_spec(path), open=True).result().read()
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------
 # The store
 
@@ -231,7 +225,7 @@ class GistStore:
             dtype=jnp.dtype(config.compute_dtype).name,
         )
         (path / PROMPTS_DIR).mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(meta_path, json.dumps(info.to_dict(), indent=2) + "\n")
+        atomic_write_text(meta_path, json.dumps(info.to_dict(), indent=2) + "\n")
         return cls(path, info)
 
     @classmethod
