@@ -17,7 +17,7 @@ and ``gist`` decodes the full sequence too). Outputs, in ``OUT`` (``WORKDIR/eval
     compression.png     prompt tokens vs gist tokens, and bytes per cached prompt
 
 Library use: ``evaluate(model_config, params, tokenizer, splits, conditions, ...)`` returns
-the metrics dict (and writes the files when given ``out_dir``); ``make_train_hook`` adapts
+an ``EvalReport`` (and writes the files when given ``out_dir``); ``make_train_hook`` adapts
 it to the training loop (``gist-train --config.eval.generate=True``). Every process runs it
 (decoding is sharded); process 0 writes the files.
 
@@ -137,7 +137,7 @@ def _compression_figures(model_config: Any, split: EncodedSplit, num_gist: int) 
     }
 
 
-def run_evaluation(
+def evaluate(
     model_config: Any,
     params: Any,
     tokenizer: Any,
@@ -149,11 +149,29 @@ def run_evaluation(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
     mesh: jax.sharding.Mesh | None = None,
+    out_dir: str | os.PathLike | None = None,
     step: int = 0,
     progress: bool = False,
 ) -> EvalReport:
-    """Decode and score every split under every condition; see ``evaluate``. ``progress``
-    shows a bar per split and condition (process 0)."""
+    """Greedy-decode every example of every split under every condition and score it.
+
+    Args:
+      model_config, params, tokenizer: the model (any family of ``gist_jax.models.family``); the
+        tokenizer must have ``<GIST>`` when ``num_gist > 0``.
+      splits: split name -> examples (dicts with ``instruction``, ``input``, ``output``).
+      conditions: subset of ``gist.CONDITIONS``.
+      num_gist: k, the number of gist tokens the model was trained with.
+      max_prompt_length: prompt tokens (LLaMA) / source tokens (T5) kept per example.
+      max_new_tokens, batch_size: decoding settings (greedy; ``batch_size`` rows per
+        compiled call, a multiple of the mesh's data parallelism).
+      mesh: decode on this mesh (params sharded as in training, batch data-parallel).
+      out_dir: write the files listed in the module docstring here (process 0).
+      step: the training step the params are from (in ``run.json``).
+      progress: a bar per split and condition (process 0).
+
+    Returns the ``EvalReport``; its ``metrics`` are ``split -> condition -> {"rougeL",
+    "exact_match", "n"}`` (scores x100).
+    """
     for condition in conditions:
         gist.check_condition(condition)
     if num_gist > 0 and model_config.gist_token_id is None:
@@ -224,58 +242,10 @@ def run_evaluation(
             "batch_size": batch_size,
         },
     }
-    return EvalReport(results, predictions, compression, run)
-
-
-def evaluate(
-    model_config: Any,
-    params: Any,
-    tokenizer: Any,
-    splits: Mapping[str, Sequence[Mapping[str, Any]]],
-    conditions: Sequence[str] = gist.CONDITIONS,
-    *,
-    num_gist: int = 1,
-    max_prompt_length: int = 512,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    batch_size: int = 16,
-    mesh: jax.sharding.Mesh | None = None,
-    out_dir: str | os.PathLike | None = None,
-    step: int = 0,
-    progress: bool = False,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Greedy-decode every example of every split under every condition and score it.
-
-    Args:
-      model_config, params, tokenizer: the model (any family of ``gist_jax.models.family``); the
-        tokenizer must have ``<GIST>`` when ``num_gist > 0``.
-      splits: split name -> examples (dicts with ``instruction``, ``input``, ``output``).
-      conditions: subset of ``gist.CONDITIONS``.
-      num_gist: k, the number of gist tokens the model was trained with.
-      max_prompt_length: prompt tokens (LLaMA) / source tokens (T5) kept per example.
-      max_new_tokens, batch_size: decoding settings (greedy; ``batch_size`` rows per
-        compiled call, a multiple of the mesh's data parallelism).
-      mesh: decode on this mesh (params sharded as in training, batch data-parallel).
-      out_dir: write the files listed in the module docstring here (process 0).
-
-    Returns ``split -> condition -> {"rougeL", "exact_match", "n"}`` (scores x100).
-    """
-    report = run_evaluation(
-        model_config,
-        params,
-        tokenizer,
-        splits,
-        conditions,
-        num_gist=num_gist,
-        max_prompt_length=max_prompt_length,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        mesh=mesh,
-        step=step,
-        progress=progress,
-    )
+    report = EvalReport(results, predictions, compression, run)
     if out_dir is not None and jax.process_index() == 0:
         write_report(report, out_dir)
-    return report.metrics
+    return report
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,7 +328,7 @@ def make_train_hook(config: Any) -> Any:
         )
         return {
             f"{split}/{condition}/{key}": float(value)
-            for split, by_condition in result.items()
+            for split, by_condition in result.metrics.items()
             for condition, values in by_condition.items()
             for key, value in values.items()
             if key != "n"

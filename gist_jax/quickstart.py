@@ -481,7 +481,7 @@ def quickstart(
         model_config, params, tokenizer = loading.load_checkpoint(exports[trained])
         settings["conditions"] = conditions
         reports.append(
-            evaluate.run_evaluation(
+            evaluate.evaluate(
                 model_config,
                 params,
                 tokenizer,

@@ -48,7 +48,7 @@ def llama_eval(tiny_llama, tmp_path_factory):
     with mock.patch.object(gist_cache, "compress", wraps=gist_cache.compress) as spy:
         result = evaluate.evaluate(
             loaded.config, params, loaded.tokenizer, splits, out_dir=out, step=7, **SETTINGS
-        )
+        ).metrics
     return result, out, splits, spy.call_count
 
 
@@ -139,7 +139,7 @@ def test_t5_evaluate(tmp_path):
         max_new_tokens=6,
         batch_size=4,
         out_dir=tmp_path,
-    )
+    ).metrics
     assert set(result["validation_unseen"]) == {"gist"}
     assert result["validation_unseen"]["gist"]["n"] == 4
     run = json.loads((tmp_path / "run.json").read_text())

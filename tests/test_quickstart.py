@@ -115,7 +115,7 @@ def test_each_condition_is_scored_on_its_own_model(trained):
     for condition, run_dir in result.train_dirs.items():
         model_config, params, tokenizer = loading.load_checkpoint(run_dir / "export")
         settings["conditions"] = (condition,)
-        report = evaluate.run_evaluation(model_config, params, tokenizer, splits, **settings)
+        report = evaluate.evaluate(model_config, params, tokenizer, splits, **settings)
         for split in SPLITS:
             assert report.metrics[split][condition] == result.metrics[split][condition]
 

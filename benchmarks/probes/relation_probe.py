@@ -61,7 +61,7 @@ def main() -> None:
     config = default_config()
     loaded = model_loading.load_model(config)
     _, params, _ = loading.load_checkpoint(loaded.checkpoint_dir, scan_layers=False)
-    report = evaluate.run_evaluation(
+    report = evaluate.evaluate(
         loaded.config,
         params,
         loaded.tokenizer,
