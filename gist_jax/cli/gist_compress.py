@@ -14,7 +14,6 @@ prompt against caching the whole prompt.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -46,21 +45,14 @@ class CompressSummary:
 def read_instructions(path: str | os.PathLike) -> list[str]:
     """Instructions from a JSON lines file (objects with "instruction", or strings)."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
-            if isinstance(value, dict):
-                if "instruction" not in value:
-                    raise ValueError(f"{path}:{number}: object has no 'instruction' key")
-                value = value["instruction"]
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{path}:{number}: instruction must be a non-empty string")
-            out.append(value)
+    for number, value in prompts_lib.json_lines(path):
+        if isinstance(value, dict):
+            if "instruction" not in value:
+                raise ValueError(f"{path}:{number}: object has no 'instruction' key")
+            value = value["instruction"]
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{path}:{number}: instruction must be a non-empty string")
+        out.append(value)
     if not out:
         raise ValueError(f"{path}: no instructions")
     return out

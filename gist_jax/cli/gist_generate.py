@@ -46,25 +46,18 @@ def read_requests(
     """Requests from a JSON lines file; lines without their own instruction / prompt_id
     use the command line's."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
-            if isinstance(value, str):
-                value = {"input": value}
-            if not isinstance(value, dict) or not isinstance(value.get("input", ""), str):
-                raise ValueError(f"{path}:{number}: expected a string or an object with 'input'")
-            own_ins, own_id = value.get("instruction"), value.get("prompt_id")
-            if own_ins is None and own_id is None:
-                own_ins, own_id = instruction, prompt_id
-            try:
-                out.append(Request(value.get("input", ""), own_ins, own_id))
-            except ValueError as err:
-                raise ValueError(f"{path}:{number}: {err}") from err
+    for number, value in prompts_lib.json_lines(path):
+        if isinstance(value, str):
+            value = {"input": value}
+        if not isinstance(value, dict) or not isinstance(value.get("input", ""), str):
+            raise ValueError(f"{path}:{number}: expected a string or an object with 'input'")
+        own_ins, own_id = value.get("instruction"), value.get("prompt_id")
+        if own_ins is None and own_id is None:
+            own_ins, own_id = instruction, prompt_id
+        try:
+            out.append(Request(value.get("input", ""), own_ins, own_id))
+        except ValueError as err:
+            raise ValueError(f"{path}:{number}: {err}") from err
     if not out:
         raise ValueError(f"{path}: no inputs")
     return out

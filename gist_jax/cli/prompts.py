@@ -10,9 +10,10 @@ for a stored prompt whose instruction text is not at hand.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from gist_jax.inference import decode, gist_cache
@@ -76,3 +77,16 @@ def input_tokens(
     examples = [{"instruction": _PLACEHOLDER, "input": x, "output": ""} for x in inputs]
     rows = _encode(config, tokenizer, examples, num_gist, max_length)
     return [gist_cache.split_prompt(row, config.gist_token_id)[1] for row in rows]
+
+
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSON lines file; a line that is
+    not JSON is a ``ValueError`` naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
