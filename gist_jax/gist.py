@@ -31,7 +31,7 @@ Two layers of API:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -237,7 +237,7 @@ def make_cross_attention_mask(
     return mask[:, None]
 
 
-def decoder_self_mask(
+def self_attention_mask(
     q_positions: ArrayLike,
     k_positions: ArrayLike,
     first: ArrayLike,
@@ -245,37 +245,32 @@ def decoder_self_mask(
     condition: Condition = "gist",
     q_segments: ArrayLike | None = None,
     k_segments: ArrayLike | None = None,
+    *,
+    causal: bool,
 ) -> jax.Array:
-    """The full decoder-only self-attention mask ``bool[B, 1, Q, K]``: gist rule AND causal
-    AND key is real (position ``>= 0``; ``-1`` marks padding or an empty cache slot) AND,
-    for packed rows, same segment. Serves training, prefill, decode steps and decoding
+    """A self-attention mask ``bool[B, 1, Q, K]``: gist rule AND key is real (position
+    ``>= 0``; ``-1`` marks padding or an empty cache slot) AND, for packed rows, same
+    segment, AND causal for a decoder. Serves training, prefill, decode steps and decoding
     from a gist cache alike, since positions are absolute in every case."""
     xp = _xp(q_positions, k_positions, first, last)
     k_real = xp.asarray(k_positions) >= 0
-    mask = span_mask(q_positions, k_positions, first, last, condition)
-    mask = mask & causal_mask(q_positions, k_positions) & key_padding_mask(k_real)
-    if q_segments is not None:
-        mask = mask & segment_mask(q_segments, k_segments)
-    return mask[:, None]
-
-
-def encoder_self_mask(
-    q_positions: ArrayLike,
-    k_positions: ArrayLike,
-    first: ArrayLike,
-    last: ArrayLike,
-    condition: Condition = "gist",
-    q_segments: ArrayLike | None = None,
-    k_segments: ArrayLike | None = None,
-) -> jax.Array:
-    """Bidirectional (T5 encoder) self-attention mask ``bool[B, 1, Q, K]``: gist rule AND
-    key is real (position ``>= 0``) AND, for packed rows, same segment."""
-    xp = _xp(q_positions, k_positions, first, last)
-    k_real = xp.asarray(k_positions) >= 0
     mask = span_mask(q_positions, k_positions, first, last, condition) & key_padding_mask(k_real)
+    if causal:
+        mask = mask & causal_mask(q_positions, k_positions)
     if q_segments is not None:
         mask = mask & segment_mask(q_segments, k_segments)
     return mask[:, None]
+
+
+def decoder_self_mask(*args: Any, **kwargs: Any) -> jax.Array:
+    """The decoder-only (LLaMA) self-attention mask: ``self_attention_mask``, causal."""
+    return self_attention_mask(*args, **kwargs, causal=True)
+
+
+def encoder_self_mask(*args: Any, **kwargs: Any) -> jax.Array:
+    """The bidirectional (T5 encoder) self-attention mask: ``self_attention_mask``, not
+    causal."""
+    return self_attention_mask(*args, **kwargs, causal=False)
 
 
 def cross_mask(
