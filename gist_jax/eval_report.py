@@ -1,4 +1,6 @@
-"""The files of an evaluation (``WORKDIR/eval/<step>/``, the quickstart's ``results/``):
+"""The report of an evaluation: one ``EvalReport`` from several (``merge_reports``), scores
+per task family (``family_scores``), and its files (``WORKDIR/eval/<step>/``, the
+quickstart's ``results/``):
 ``metrics.json``, ``compression.json``, ``run.json``, ``predictions.jsonl``, the markdown
 tables (``results.md``) and two plots (``rouge_l.png``, ``compression.png``). Written
 atomically, by one process.
@@ -10,10 +12,13 @@ import dataclasses
 import json
 import os
 import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from gist_jax import gist
+from gist_jax import metrics as text_metrics
 from gist_jax.files import atomic_write_text
 
 
@@ -141,3 +146,90 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> pathlib.Path
     plot_rouge(report, out / "rouge_l.png")
     plot_compression(report, out / "compression.png")
     return out
+
+
+def merge_reports(reports: Sequence[Any], order: Sequence[str] = gist.CONDITIONS) -> Any:
+    """One ``eval_report.EvalReport`` from several (one per trained model): metrics per split
+    in condition order, predictions concatenated, compression from the first (the
+    figures depend only on the model config and the prompts), runs kept per model."""
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    for report in reports:
+        for split, by_condition in report.metrics.items():
+            metrics.setdefault(split, {}).update(by_condition)
+    for split, by_condition in metrics.items():
+        metrics[split] = {c: by_condition[c] for c in order if c in by_condition}
+    compilations: dict[str, int] = {}
+    for report in reports:
+        for name, count in report.run["compilations"].items():
+            compilations[name] = compilations.get(name, 0) + count
+    run = {
+        "step": reports[0].run["step"],
+        "seconds": sum(r.run["seconds"] for r in reports),
+        "compilations": compilations,
+        "models": [r.run for r in reports],
+    }
+    predictions = [p for r in reports for p in r.predictions]
+    return EvalReport(metrics, predictions, reports[0].compression, run)
+
+
+def family_scores(
+    predictions: Sequence[Mapping[str, Any]],
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """``split -> task family -> condition -> {"rougeL", "exact_match", "n"}`` for splits
+    whose examples name their family (the synthetic suite's ``task``); other splits are
+    left out. Shows which families each condition solves, which the split means hide."""
+    task_of = {
+        (name, ex["instruction"], ex["input"]): ex["task"]
+        for name, examples in splits.items()
+        for ex in examples
+        if "task" in ex
+    }
+    grouped: dict[str, dict[str, dict[str, list[Mapping[str, Any]]]]] = {}
+    for p in predictions:
+        task = task_of.get((p["split"], p["instruction"], p["input"]))
+        if task is not None:
+            grouped.setdefault(p["split"], {}).setdefault(task, {}).setdefault(
+                p["condition"], []
+            ).append(p)
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for split, by_task in grouped.items():
+        out[split] = {}
+        for task in sorted(by_task):
+            out[split][task] = {}
+            for condition in gist.CONDITIONS:
+                rows = by_task[task].get(condition)
+                if not rows:
+                    continue
+                preds = [r["prediction"] for r in rows]
+                refs = [r["reference"] for r in rows]
+                out[split][task][condition] = {
+                    "rougeL": text_metrics.rouge_l(preds, refs),
+                    "exact_match": text_metrics.exact_match(preds, refs),
+                    "n": len(rows),
+                }
+    return out
+
+
+def family_markdown(families: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> str:
+    """Exact match (ROUGE-L) per task family and condition, one table per split."""
+    lines = []
+    for split, by_task in families.items():
+        conditions = [c for c in gist.CONDITIONS if any(c in v for v in by_task.values())]
+        lines += [
+            f"### {split}: exact match (ROUGE-L) per task family",
+            "",
+            "| family | n | " + " | ".join(conditions) + " |",
+            "|---|---|" + "---|" * len(conditions),
+        ]
+        for task, by_condition in by_task.items():
+            n = next(iter(by_condition.values()))["n"]
+            cells = [
+                f"{by_condition[c]['exact_match']:.0f} ({by_condition[c]['rougeL']:.0f})"
+                if c in by_condition
+                else "-"
+                for c in conditions
+            ]
+            lines.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -91,3 +91,19 @@ def split_intervals(
             if scores is not None:
                 out.setdefault(split, {})[key] = paired_interval(scores)
     return out
+
+
+def gap_recovered(
+    metrics: Mapping[str, Mapping[str, Mapping[str, float]]], split: str, key: str = "rougeL"
+) -> float:
+    """The share of the pos_control - neg_control gap in ``key`` that gist recovers, in %:
+    ``100 * (gist - neg) / (pos - neg)``; NaN unless pos_control beats neg_control by at
+    least one point (otherwise the controls do not bracket anything)."""
+    m = metrics[split]
+    return share(*(np.asarray([m[c][key]]) for c in CONDITIONS))
+
+
+def format_share(share: float) -> str:
+    """A gap share for tables and logs: a whole percentage, "-0.4" printed as "0%" (round()
+    returns an int, which has no negative zero), "n/a" for NaN."""
+    return "n/a" if math.isnan(share) else f"{round(share)}%"

@@ -45,9 +45,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
-import numpy as np
 
-from gist_jax import gist, train_config
+from gist_jax import gap, gist, train_config
 from gist_jax.cli.entry import run_app
 
 RESULTS_DIR = "results"
@@ -235,119 +234,9 @@ def evaluated_conditions(config: ml_collections.ConfigDict) -> dict[str, tuple[s
     return {"gist": wanted}
 
 
-def merge_reports(reports: Sequence[Any], order: Sequence[str] = gist.CONDITIONS) -> Any:
-    """One ``eval_report.EvalReport`` from several (one per trained model): metrics per split
-    in condition order, predictions concatenated, compression from the first (the
-    figures depend only on the model config and the prompts), runs kept per model."""
-    from gist_jax.eval_report import EvalReport
-
-    metrics: dict[str, dict[str, dict[str, float]]] = {}
-    for report in reports:
-        for split, by_condition in report.metrics.items():
-            metrics.setdefault(split, {}).update(by_condition)
-    for split, by_condition in metrics.items():
-        metrics[split] = {c: by_condition[c] for c in order if c in by_condition}
-    compilations: dict[str, int] = {}
-    for report in reports:
-        for name, count in report.run["compilations"].items():
-            compilations[name] = compilations.get(name, 0) + count
-    run = {
-        "step": reports[0].run["step"],
-        "seconds": sum(r.run["seconds"] for r in reports),
-        "compilations": compilations,
-        "models": [r.run for r in reports],
-    }
-    predictions = [p for r in reports for p in r.predictions]
-    return EvalReport(metrics, predictions, reports[0].compression, run)
-
-
-def gap_recovered(
-    metrics: Mapping[str, Mapping[str, Mapping[str, float]]], split: str, key: str = "rougeL"
-) -> float:
-    """The share of the pos_control - neg_control gap in ``key`` that gist recovers, in %:
-    ``100 * (gist - neg) / (pos - neg)``; NaN unless pos_control beats neg_control by at
-    least one point (otherwise the controls do not bracket anything)."""
-    from gist_jax import gap
-
-    m = metrics[split]
-    return gap.share(*(np.asarray([m[c][key]]) for c in gap.CONDITIONS))
-
-
-def format_share(share: float) -> str:
-    """A gap share for tables and logs: a whole percentage, "-0.4" printed as "0%" (round()
-    returns an int, which has no negative zero), "n/a" for NaN."""
-    return "n/a" if math.isnan(share) else f"{round(share)}%"
-
-
-def family_scores(
-    predictions: Sequence[Mapping[str, Any]],
-    splits: Mapping[str, Sequence[Mapping[str, Any]]],
-) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """``split -> task family -> condition -> {"rougeL", "exact_match", "n"}`` for splits
-    whose examples name their family (the synthetic suite's ``task``); other splits are
-    left out. Shows which families each condition solves, which the split means hide."""
-    from gist_jax import metrics as text_metrics
-
-    task_of = {
-        (name, ex["instruction"], ex["input"]): ex["task"]
-        for name, examples in splits.items()
-        for ex in examples
-        if "task" in ex
-    }
-    grouped: dict[str, dict[str, dict[str, list[Mapping[str, Any]]]]] = {}
-    for p in predictions:
-        task = task_of.get((p["split"], p["instruction"], p["input"]))
-        if task is not None:
-            grouped.setdefault(p["split"], {}).setdefault(task, {}).setdefault(
-                p["condition"], []
-            ).append(p)
-    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    for split, by_task in grouped.items():
-        out[split] = {}
-        for task in sorted(by_task):
-            out[split][task] = {}
-            for condition in gist.CONDITIONS:
-                rows = by_task[task].get(condition)
-                if not rows:
-                    continue
-                preds = [r["prediction"] for r in rows]
-                refs = [r["reference"] for r in rows]
-                out[split][task][condition] = {
-                    "rougeL": text_metrics.rouge_l(preds, refs),
-                    "exact_match": text_metrics.exact_match(preds, refs),
-                    "n": len(rows),
-                }
-    return out
-
-
-def family_markdown(families: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> str:
-    """Exact match (ROUGE-L) per task family and condition, one table per split."""
-    lines = []
-    for split, by_task in families.items():
-        conditions = [c for c in gist.CONDITIONS if any(c in v for v in by_task.values())]
-        lines += [
-            f"### {split}: exact match (ROUGE-L) per task family",
-            "",
-            "| family | n | " + " | ".join(conditions) + " |",
-            "|---|---|" + "---|" * len(conditions),
-        ]
-        for task, by_condition in by_task.items():
-            n = next(iter(by_condition.values()))["n"]
-            cells = [
-                f"{by_condition[c]['exact_match']:.0f} ({by_condition[c]['rougeL']:.0f})"
-                if c in by_condition
-                else "-"
-                for c in conditions
-            ]
-            lines.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def summary_lines(report: Any, seconds: Mapping[str, float]) -> list[str]:
     """Plain-text lines printed after the tables: compression, and the gap recovered with
     its paired 95% bootstrap interval (``gist_jax.gap``)."""
-    from gist_jax import gap
 
     lines = []
     for split, c in report.compression.items():
@@ -367,11 +256,11 @@ def summary_lines(report: Any, seconds: Mapping[str, float]) -> list[str]:
                 parts.append(f"no {name} gap (pos_control is not above neg_control)")
             else:
                 bounds = (
-                    f" (95% CI {format_share(g['low'])} to {format_share(g['high'])})"
+                    f" (95% CI {gap.format_share(g['low'])} to {gap.format_share(g['high'])})"
                     if not math.isnan(g["low"])
                     else ""
                 )
-                parts.append(f"{format_share(g['share'])}{bounds} of the {name} gap")
+                parts.append(f"{gap.format_share(g['share'])}{bounds} of the {name} gap")
         lines.append(
             f"{split}: gist recovers {' and '.join(parts)} between neg_control and pos_control"
         )
@@ -423,7 +312,7 @@ def quickstart(
       progress: progress bars and messages on the console.
       devices: the devices to train on (default all).
     """
-    from gist_jax import eval_report, evaluate, gap, train
+    from gist_jax import eval_report, evaluate, train
     from gist_jax.convert import loading
     from gist_jax.convert.to_hf import convert_to_hf
 
@@ -492,12 +381,12 @@ def quickstart(
             )
         )
         del params
-    report = merge_reports(reports)
+    report = eval_report.merge_reports(reports)
     results_dir = eval_report.write_report(report, workdir / RESULTS_DIR)
-    families = family_scores(report.predictions, splits)
+    families = eval_report.family_scores(report.predictions, splits)
     if families:
         (results_dir / FAMILIES_JSON).write_text(json.dumps(families, indent=2) + "\n")
-        (results_dir / FAMILIES_MD).write_text(family_markdown(families))
+        (results_dir / FAMILIES_MD).write_text(eval_report.family_markdown(families))
     seconds["evaluate"] = time.monotonic() - t0
 
     export_hf = None

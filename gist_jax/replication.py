@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gist_jax import gist, metrics, quickstart
+from gist_jax import gap, gist, metrics, quickstart
 from gist_jax.cli.entry import run_app
 
 CONTROLS = ("pos_control", "neg_control")
@@ -110,7 +110,7 @@ def gap_recovered(rows: Mapping[str, Mapping[str, float]], row: str, key: str = 
     (``quickstart.gap_recovered``); NaN without both controls or a gap of a point."""
     if not all(c in rows for c in CONTROLS):
         return math.nan
-    return quickstart.gap_recovered({"split": {**rows, "gist": rows[row]}}, "split", key)
+    return gap.gap_recovered({"split": {**rows, "gist": rows[row]}}, "split", key)
 
 
 def markdown_table(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
@@ -137,7 +137,7 @@ def markdown_table(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
             cells = []
             for split in splits:
                 share = gap_recovered(table[split], row) if row in table[split] else math.nan
-                cells.append(quickstart.format_share(share))
+                cells.append(gap.format_share(share))
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
     n = {split: next(iter(rows.values())).get("n") for split, rows in table.items()}
     lines += ["", "Examples per split: " + ", ".join(f"{s} {v}" for s, v in n.items())]
@@ -227,7 +227,6 @@ def gap_intervals(
 ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     """``split -> "gist (LABEL)" -> metric -> gap.paired_interval``: each run's gist model
     against the controls of the first run that has them, resampling the same examples."""
-    from gist_jax import gap
 
     controls: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for run in runs.values():
@@ -258,7 +257,7 @@ def gap_markdown(intervals: Mapping[str, Mapping[str, Mapping[str, Mapping[str, 
     """Gap shares with their paired 95% bootstrap intervals, ROUGE-L and exact match."""
 
     def interval(g: Mapping[str, float]) -> str:
-        f = quickstart.format_share
+        f = gap.format_share
         return f"{f(g['share'])} [{f(g['low'])}, {f(g['high'])}]"
 
     return _split_table(

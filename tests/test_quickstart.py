@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gist_jax import evaluate, gist, quickstart, replication, train_config
+from gist_jax import evaluate, gap, gist, quickstart, replication, train_config
 from gist_jax.convert import loading
 from gist_jax.models import llama
 from gist_jax.train.metrics_log import read_metrics
@@ -254,9 +254,9 @@ def test_gap_recovered():
             }
         }
 
-    assert quickstart.gap_recovered(m(60.0, 50.0, 20.0), "s") == pytest.approx(75.0)
-    assert quickstart.gap_recovered(m(60.0, 65.0, 20.0), "s") == pytest.approx(112.5)
-    assert np.isnan(quickstart.gap_recovered(m(29.2, 25.1, 28.6), "s"))  # controls tie
+    assert gap.gap_recovered(m(60.0, 50.0, 20.0), "s") == pytest.approx(75.0)
+    assert gap.gap_recovered(m(60.0, 65.0, 20.0), "s") == pytest.approx(112.5)
+    assert np.isnan(gap.gap_recovered(m(29.2, 25.1, 28.6), "s"))  # controls tie
 
 
 def test_cli_requires_workdir():
@@ -377,10 +377,10 @@ def test_paired_differences():
 
 
 def test_gap_share_format():
-    assert quickstart.format_share(-0.4) == "0%"
-    assert quickstart.format_share(-25.6) == "-26%"
-    assert quickstart.format_share(74.5) == "74%"  # round half to even
-    assert quickstart.format_share(float("nan")) == "n/a"
+    assert gap.format_share(-0.4) == "0%"
+    assert gap.format_share(-25.6) == "-26%"
+    assert gap.format_share(74.5) == "74%"  # round half to even
+    assert gap.format_share(float("nan")) == "n/a"
 
 
 def test_replication_gap_share():

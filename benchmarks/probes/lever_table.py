@@ -1,0 +1,106 @@
+"""The lever table of docs/results.md section 6: gist models trained with different recipes,
+each scored against one pair of control models (their ``predictions.jsonl``), as markdown
+rows (ROUGE-L, exact match, gap share with its paired bootstrap 95% interval per split),
+and optionally the plot of the held-out gap share against training minutes.
+
+    python -m benchmarks.probes.lever_table --controls=P.jsonl \\
+        --row="lm, k = 1|lm|5.0|G1.jsonl" --row="distill, k = 1|distill|6.6|G2.jsonl" \\
+        [--plot=out.png] [--json=out.json]
+
+A row is ``label|series|minutes|gist predictions``; ``series`` groups the plot's lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from gist_jax import gap
+
+SPLITS = ("validation_seen", "validation_recombined", "validation_unseen")
+
+
+def _rows(path: str, condition: str) -> list[dict]:
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if r["condition"] == condition]
+
+
+def score_row(controls: str, gist_path: str) -> dict[str, dict[str, float]]:
+    """Per split: the gist model's mean ROUGE-L and EM, and its gap share with the interval."""
+    preds = _rows(controls, "pos_control") + _rows(controls, "neg_control")
+    preds += _rows(gist_path, "gist")
+    out = {}
+    for split in SPLITS:
+        rouge = gap.example_scores(preds, split, "rougeL")
+        exact = gap.example_scores(preds, split, "exact_match")
+        interval = gap.paired_interval(rouge)
+        out[split] = {
+            "rougeL": float(rouge["gist"].mean()),
+            "exact_match": float(exact["gist"].mean()),
+            "share": interval["share"],
+            "low": interval["low"],
+            "high": interval["high"],
+        }
+    return out
+
+
+def _cell(s: dict[str, float]) -> str:
+    share = (
+        "no gap"
+        if math.isnan(s["share"])
+        else f"{s['share']:.0f}% [{s['low']:.0f}, {s['high']:.0f}]"
+    )
+    return f"{s['rougeL']:.1f} ({s['exact_match']:.1f}) {share}"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for series in dict.fromkeys(r["series"] for r in rows):
+        points = sorted(
+            (r["minutes"], r["scores"]["validation_unseen"]) for r in rows if r["series"] == series
+        )
+        xs = [m for m, _ in points]
+        ys = [s["share"] for _, s in points]
+        err = [
+            [s["share"] - s["low"] for _, s in points],
+            [s["high"] - s["share"] for _, s in points],
+        ]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=series)
+    ax.axhline(70, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("training minutes of the gist model (2-core CPU)")
+    ax.set_ylabel("gap recovered, validation_unseen (%)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--controls", required=True, help="predictions.jsonl with both controls")
+    parser.add_argument("--row", action="append", required=True, help="label|series|minutes|path")
+    parser.add_argument("--plot", help="write the gap-share plot here")
+    parser.add_argument("--json", help="write the scores here")
+    args = parser.parse_args()
+    rows = []
+    for spec in args.row:
+        label, series, minutes, path = spec.split("|")
+        scores = score_row(args.controls, path)
+        rows.append(dict(label=label, series=series, minutes=float(minutes), scores=scores))
+        cells = " | ".join(_cell(scores[s]) for s in SPLITS)
+        print(f"| {label} | {float(minutes):.1f} | {cells} |")
+    if args.plot:
+        plot(rows, args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
