@@ -8,6 +8,9 @@ and optionally the plot of the held-out gap share against training minutes.
         [--plot=out.png] [--json=out.json]
 
 A row is ``label|series|minutes|gist predictions``; ``series`` groups the plot's lines.
+With ``--baseline=G.jsonl`` each row also gets its paired ROUGE-L difference to that gist
+model on the same examples (mean +- standard error), per split: the sensitive comparison
+between two recipes, which overlapping gap-share intervals cannot make.
 """
 
 from __future__ import annotations
@@ -42,6 +45,31 @@ def score_row(controls: str, gist_path: str) -> dict[str, dict[str, float]]:
             "low": interval["low"],
             "high": interval["high"],
         }
+    return out
+
+
+def paired_difference(baseline: str, gist_path: str) -> dict[str, tuple[float, float]]:
+    """Per split: mean and standard error of the per-example ROUGE-L difference of two gist
+    models, matched by (instruction, input)."""
+    from gist_jax import metrics
+
+    def scores(path: str) -> dict[tuple[str, str, str], float]:
+        rows = _rows(path, "gist")
+        values = metrics.rouge_l_scores(
+            [r["prediction"] for r in rows], [r["reference"] for r in rows]
+        )
+        return {
+            (r["split"], r["instruction"], r["input"]): 100.0 * v
+            for r, v in zip(rows, values, strict=True)
+        }
+
+    a, b = scores(baseline), scores(gist_path)
+    out = {}
+    for split in SPLITS:
+        diffs = [b[k] - a[k] for k in a if k[0] == split and k in b]
+        mean = sum(diffs) / len(diffs)
+        var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+        out[split] = (mean, math.sqrt(var / len(diffs)))
     return out
 
 
@@ -85,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--controls", required=True, help="predictions.jsonl with both controls")
     parser.add_argument("--row", action="append", required=True, help="label|series|minutes|path")
+    parser.add_argument("--baseline", help="a gist predictions.jsonl to pair every row with")
     parser.add_argument("--plot", help="write the gap-share plot here")
     parser.add_argument("--json", help="write the scores here")
     args = parser.parse_args()
@@ -94,6 +123,10 @@ def main() -> None:
         scores = score_row(args.controls, path)
         rows.append(dict(label=label, series=series, minutes=float(minutes), scores=scores))
         cells = " | ".join(_cell(scores[s]) for s in SPLITS)
+        if args.baseline:
+            diff = paired_difference(args.baseline, path)
+            rows[-1]["paired_vs_baseline"] = diff
+            cells += " | " + " | ".join(f"{m:+.1f} +- {se:.1f}" for m, se in diff.values())
         print(f"| {label} | {float(minutes):.1f} | {cells} |")
     if args.plot:
         plot(rows, args.plot)
