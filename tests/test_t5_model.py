@@ -16,7 +16,7 @@ import pytest
 
 from gist_jax import gist
 from gist_jax.convert import t5 as convert_t5
-from gist_jax.models import t5
+from gist_jax.models import t5, t5_layers
 from gist_jax.models.family import T5, config_from_dict, family_named
 
 # (prompt_len, gist tokens, input_len) per example: different prompt lengths, gist
@@ -73,7 +73,9 @@ def test_relative_position_bucket_matches_transformers():
                 max_distance=max_distance,
             ).numpy()
             got = np.asarray(
-                t5.relative_position_bucket(jnp.asarray(rel), bidirectional, buckets, max_distance)
+                t5_layers.relative_position_bucket(
+                    jnp.asarray(rel), bidirectional, buckets, max_distance
+                )
             )
             np.testing.assert_array_equal(got, want, err_msg=f"{buckets=} {max_distance=}")
 
