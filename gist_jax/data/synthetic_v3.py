@@ -49,8 +49,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from babel import Locale
-from babel.languages import get_official_languages
-from babel.numbers import get_currency_name, get_territory_currencies
 from num2words import num2words
 
 from gist_jax.data import synthetic_v2
@@ -71,6 +69,28 @@ from gist_jax.data.synthetic_v2 import (
     held_out_args,  # noqa: F401 (part of this suite's interface, as in version 2)
     held_out_pair,
 )
+from gist_jax.data.synthetic_v3_facts import (
+    ADJECTIVES,
+    ADVERBS,
+    CAPITALS,
+    CITIES,
+    COUNT_WORDS,
+    COUNTRIES,
+    DAYS,
+    LANGUAGES,
+    LETTERS,
+    MONTH_DAYS,
+    MONTHS,
+    NESS,
+    NOUNS,
+    SEASONS,
+    VERBS,
+    currency,
+    later_letter,
+    official_language,
+    ordinal,
+    roman,
+)
 
 SOURCE = "synthetic_v3"
 SPLITS: tuple[str, ...] = ("train", "validation_seen", "validation_recombined", "validation_unseen")
@@ -86,331 +106,6 @@ HELD_OUT_INPUT_BUCKETS = 10
 _INPUT_TRIES = 200
 # Held-out argument settings and (relation, format) pairs use version 2's buckets
 # (``held_out_args``, ``held_out_pair``): one in four of each.
-
-
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(text.split())
-
-
-def _table(text: str) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(line.split(",")) for line in text.strip().splitlines())
-
-
-# -- what the relations know ----------------------------------------------------------------
-
-_EN = Locale("en")
-MONTHS: tuple[str, ...] = tuple(_EN.months["format"]["wide"][i] for i in range(1, 13))
-DAYS: tuple[str, ...] = tuple(_EN.days["format"]["wide"][i] for i in range(7))  # Monday first
-_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-_SEASONS = _words("winter winter spring spring spring summer summer summer autumn autumn "
-                  "autumn winter")  # fmt: skip
-# Languages that translation relations take as an argument: name -> CLDR locale.
-LANGUAGES: dict[str, str] = {"French": "fr", "Spanish": "es", "German": "de", "Italian": "it"}
-# English name -> (ISO code, capital, continent, demonym). Names are written out here
-# rather than taken from CLDR, whose English names are not always the everyday ones.
-COUNTRIES: dict[str, tuple[str, str, str, str]] = {
-    row[0]: row[1:]
-    for row in _table("""
-France,FR,Paris,Europe,French
-Germany,DE,Berlin,Europe,German
-Spain,ES,Madrid,Europe,Spanish
-Italy,IT,Rome,Europe,Italian
-Japan,JP,Tokyo,Asia,Japanese
-China,CN,Beijing,Asia,Chinese
-Brazil,BR,Brasilia,South America,Brazilian
-Canada,CA,Ottawa,North America,Canadian
-Mexico,MX,Mexico City,North America,Mexican
-Russia,RU,Moscow,Europe,Russian
-Egypt,EG,Cairo,Africa,Egyptian
-Kenya,KE,Nairobi,Africa,Kenyan
-Australia,AU,Canberra,Oceania,Australian
-Argentina,AR,Buenos Aires,South America,Argentinian
-Peru,PE,Lima,South America,Peruvian
-Greece,GR,Athens,Europe,Greek
-Portugal,PT,Lisbon,Europe,Portuguese
-Sweden,SE,Stockholm,Europe,Swedish
-Norway,NO,Oslo,Europe,Norwegian
-Poland,PL,Warsaw,Europe,Polish
-Turkey,TR,Ankara,Asia,Turkish
-Ireland,IE,Dublin,Europe,Irish
-Netherlands,NL,Amsterdam,Europe,Dutch
-Austria,AT,Vienna,Europe,Austrian
-Chile,CL,Santiago,South America,Chilean
-Colombia,CO,Bogota,South America,Colombian
-Nigeria,NG,Abuja,Africa,Nigerian
-Thailand,TH,Bangkok,Asia,Thai
-Vietnam,VN,Hanoi,Asia,Vietnamese
-South Korea,KR,Seoul,Asia,Korean
-Indonesia,ID,Jakarta,Asia,Indonesian
-Morocco,MA,Rabat,Africa,Moroccan
-Cuba,CU,Havana,North America,Cuban
-Finland,FI,Helsinki,Europe,Finnish
-Denmark,DK,Copenhagen,Europe,Danish
-Hungary,HU,Budapest,Europe,Hungarian
-Iran,IR,Tehran,Asia,Iranian
-Ukraine,UA,Kyiv,Europe,Ukrainian
-""")
-}
-CITIES: dict[str, str] = dict(
-    _table("""
-Paris,France
-Lyon,France
-Berlin,Germany
-Munich,Germany
-Madrid,Spain
-Barcelona,Spain
-Rome,Italy
-Milan,Italy
-Tokyo,Japan
-Osaka,Japan
-Beijing,China
-Shanghai,China
-Moscow,Russia
-Cairo,Egypt
-Nairobi,Kenya
-Sydney,Australia
-Melbourne,Australia
-Toronto,Canada
-Lima,Peru
-Athens,Greece
-Lisbon,Portugal
-Stockholm,Sweden
-Oslo,Norway
-Warsaw,Poland
-Istanbul,Turkey
-Dublin,Ireland
-Amsterdam,Netherlands
-Vienna,Austria
-Seoul,South Korea
-Bangkok,Thailand
-Havana,Cuba
-Helsinki,Finland
-London,United Kingdom
-Chicago,United States
-Mumbai,India
-Rio de Janeiro,Brazil
-Buenos Aires,Argentina
-Mexico City,Mexico
-""")
-)
-# adjective, opposite, comparative, superlative
-ADJECTIVES = _table("""
-hot,cold,hotter,hottest
-big,small,bigger,biggest
-tall,short,taller,tallest
-fast,slow,faster,fastest
-happy,sad,happier,happiest
-hard,soft,harder,hardest
-early,late,earlier,earliest
-rich,poor,richer,richest
-strong,weak,stronger,strongest
-thick,thin,thicker,thickest
-wide,narrow,wider,widest
-high,low,higher,highest
-full,empty,fuller,fullest
-clean,dirty,cleaner,cleanest
-wet,dry,wetter,wettest
-loud,quiet,louder,loudest
-good,bad,better,best
-heavy,light,heavier,heaviest
-deep,shallow,deeper,deepest
-sweet,sour,sweeter,sweetest
-warm,cool,warmer,warmest
-young,old,younger,youngest
-bright,dim,brighter,brightest
-smooth,rough,smoother,smoothest
-tight,loose,tighter,tightest
-sharp,dull,sharper,sharpest
-long,short,longer,longest
-cheap,expensive,cheaper,cheapest
-safe,dangerous,safer,safest
-kind,cruel,kinder,kindest
-easy,difficult,easier,easiest
-calm,angry,calmer,calmest
-quick,slow,quicker,quickest
-""")
-# adjective -> adverb, and -> noun in -ness (separate tables: not every adjective has both)
-ADVERBS = dict(
-    _table("""
-quick,quickly
-slow,slowly
-happy,happily
-sad,sadly
-loud,loudly
-quiet,quietly
-easy,easily
-careful,carefully
-good,well
-bad,badly
-soft,softly
-kind,kindly
-brave,bravely
-calm,calmly
-safe,safely
-polite,politely
-gentle,gently
-warm,warmly
-angry,angrily
-honest,honestly
-""")
-)
-NESS = dict(
-    _table("""
-happy,happiness
-sad,sadness
-dark,darkness
-kind,kindness
-weak,weakness
-soft,softness
-calm,calmness
-bright,brightness
-sick,sickness
-lazy,laziness
-good,goodness
-thick,thickness
-ill,illness
-empty,emptiness
-fit,fitness
-aware,awareness
-fair,fairness
-rude,rudeness
-""")
-)
-# verb, past, -ing, past participle, third person singular
-VERBS = _table("""
-go,went,going,gone,goes
-eat,ate,eating,eaten,eats
-see,saw,seeing,seen,sees
-run,ran,running,run,runs
-write,wrote,writing,written,writes
-sing,sang,singing,sung,sings
-swim,swam,swimming,swum,swims
-drink,drank,drinking,drunk,drinks
-take,took,taking,taken,takes
-give,gave,giving,given,gives
-speak,spoke,speaking,spoken,speaks
-break,broke,breaking,broken,breaks
-drive,drove,driving,driven,drives
-fly,flew,flying,flown,flies
-know,knew,knowing,known,knows
-grow,grew,growing,grown,grows
-throw,threw,throwing,thrown,throws
-buy,bought,buying,bought,buys
-bring,brought,bringing,brought,brings
-think,thought,thinking,thought,thinks
-teach,taught,teaching,taught,teaches
-catch,caught,catching,caught,catches
-sleep,slept,sleeping,slept,sleeps
-keep,kept,keeping,kept,keeps
-feel,felt,feeling,felt,feels
-leave,left,leaving,left,leaves
-meet,met,meeting,met,meets
-sit,sat,sitting,sat,sits
-stand,stood,standing,stood,stands
-find,found,finding,found,finds
-make,made,making,made,makes
-tell,told,telling,told,tells
-sell,sold,selling,sold,sells
-win,won,winning,won,wins
-begin,began,beginning,begun,begins
-choose,chose,choosing,chosen,chooses
-fall,fell,falling,fallen,falls
-forget,forgot,forgetting,forgotten,forgets
-ride,rode,riding,ridden,rides
-walk,walked,walking,walked,walks
-jump,jumped,jumping,jumped,jumps
-play,played,playing,played,plays
-cook,cooked,cooking,cooked,cooks
-dance,danced,dancing,danced,dances
-open,opened,opening,opened,opens
-clean,cleaned,cleaning,cleaned,cleans
-watch,watched,watching,watched,watches
-paint,painted,painting,painted,paints
-help,helped,helping,helped,helps
-climb,climbed,climbing,climbed,climbs
-""")
-# noun, plural, with its indefinite article
-NOUNS = _table("""
-apple,apples,an apple
-box,boxes,a box
-baby,babies,a baby
-city,cities,a city
-child,children,a child
-mouse,mice,a mouse
-knife,knives,a knife
-leaf,leaves,a leaf
-tooth,teeth,a tooth
-foot,feet,a foot
-man,men,a man
-woman,women,a woman
-bus,buses,a bus
-church,churches,a church
-dish,dishes,a dish
-party,parties,a party
-story,stories,a story
-wolf,wolves,a wolf
-potato,potatoes,a potato
-tomato,tomatoes,a tomato
-hero,heroes,a hero
-glass,glasses,a glass
-watch,watches,a watch
-boy,boys,a boy
-key,keys,a key
-toy,toys,a toy
-day,days,a day
-family,families,a family
-lady,ladies,a lady
-bench,benches,a bench
-fox,foxes,a fox
-egg,eggs,an egg
-island,islands,an island
-orange,oranges,an orange
-umbrella,umbrellas,an umbrella
-owl,owls,an owl
-house,houses,a house
-horse,horses,a horse
-garden,gardens,a garden
-river,rivers,a river
-""")
-LETTERS = "abcdefghijklmnopqrstuvwxy"  # no "z": "the next letter" must exist
-_COUNT_WORDS = _words("zero one two three four five six")
-
-
-_CAPITALS = frozenset(row[1] for row in COUNTRIES.values())
-
-
-def _roman(n: int) -> str:
-    out = ""
-    for value, symbol in zip(
-        (1000, 900, 500, 400, 100, 90, 50, 40, 10, 9, 5, 4, 1),
-        _words("M CM D CD C XC L XL X IX V IV I"),
-        strict=True,
-    ):
-        count, n = divmod(n, value)
-        out += symbol * count
-    return out
-
-
-def _later_letter(letter: str, n: int) -> str:
-    index = LETTERS.index(letter) + n
-    if not 0 <= index < len(LETTERS):
-        raise _Invalid
-    return LETTERS[index]
-
-
-def _ordinal(n: int) -> str:
-    return num2words(n, to="ordinal_num")
-
-
-def _official_language(country: str) -> str:
-    languages = get_official_languages(COUNTRIES[country][0])
-    if len(languages) != 1:  # several official languages: no single answer
-        raise _Invalid
-    return _EN.languages[languages[0]]
-
-
-def _currency(country: str) -> str:
-    return get_currency_name(get_territory_currencies(COUNTRIES[country][0])[0], locale="en")
 
 
 def _lookup(rows: Sequence[Sequence[str]], column: int) -> Any:
@@ -466,14 +161,14 @@ def _offset(rng: random.Random) -> Slots:
 def _steps(high: int) -> Any:
     def sample(rng: random.Random) -> Slots:
         n = rng.randint(2, high)
-        return {"n": n, "count": f"<{_COUNT_WORDS[n]}|{n}>"}
+        return {"n": n, "count": f"<{COUNT_WORDS[n]}|{n}>"}
 
     return sample
 
 
 def _factor(rng: random.Random) -> Slots:
     k = rng.randint(3, 5)
-    return {"k": k, "times": f"<{_COUNT_WORDS[k]}|{k}>"}
+    return {"k": k, "times": f"<{COUNT_WORDS[k]}|{k}>"}
 
 
 def _extra_word(rng: random.Random) -> Slots:
@@ -487,7 +182,7 @@ def _bracket(rng: random.Random) -> Slots:
 
 def _count(rng: random.Random) -> Slots:
     n = rng.randint(2, 3)
-    return {"n": n, "count": f"<{_COUNT_WORDS[n]}|{n}>"}
+    return {"n": n, "count": f"<{COUNT_WORDS[n]}|{n}>"}
 
 
 def _month_name(locale: str, month: str) -> str:
@@ -519,7 +214,7 @@ _OPS: tuple[Op, ...] = (
        lambda s, v: num2words(int(v))),
     Op("roman", _NUM, ("write {x} <as a Roman numeral|in Roman numerals>",
                        "convert {x} to Roman numerals"),
-       _number_in(1, 39, lambda s, n: _roman(n))),
+       _number_in(1, 39, lambda s, n: roman(n))),
     Op("parity", _NUM, ("say whether {x} is even or odd", "is {x} <even or odd|odd or even>?"),
        lambda s, v: "even" if int(v) % 2 == 0 else "odd"),
     Op("dollars", _NUM, ("write {x} as a price in dollars", "<format|write> {x} as a dollar amount"),
@@ -546,7 +241,7 @@ _OPS: tuple[Op, ...] = (
                               "which number is {x} in the calendar?"),
        lambda s, v: str(MONTHS.index(v) + 1)),
     Op("month_days", _MON, ("how many days does {x} have?", "<say|give> the number of days in {x}"),
-       lambda s, v: str(_MONTH_DAYS[MONTHS.index(v)])),
+       lambda s, v: str(MONTH_DAYS[MONTHS.index(v)])),
     Op("translate_month", _MON, ("translate {x} into {lang}", "<give|write> {x} in {lang}"),
        _translate(_month_name), _language),
     Op("next_day", _DAY, ("name the day <after|that comes after> {x}",
@@ -572,7 +267,7 @@ _OPS: tuple[Op, ...] = (
        _in(CITIES)),
     Op("is_capital", _CIT, ("say yes if {x} is the capital of its country and no otherwise",
                             "is {x} a capital city? Answer yes or no"),
-       lambda s, v: "yes" if v in _CAPITALS else "no"),
+       lambda s, v: "yes" if v in CAPITALS else "no"),
     # --- words ------------------------------------------------------------------------------
     Op("comparative", _ADJ, ("give the comparative <form|degree> of {x}",
                              "<write|give> the comparative of {x}"), _lookup(ADJECTIVES, 2)),
@@ -593,7 +288,7 @@ _OPS: tuple[Op, ...] = (
        lambda s, v: chr(ord(v) + 1)),
     Op("later_letter", _LET, ("give the letter {count} places after {x} in the alphabet",
                               "which letter is {count} places after {x}?"),
-       lambda s, v: _later_letter(v, s["n"]), _steps(4)),
+       lambda s, v: later_letter(v, s["n"]), _steps(4)),
     Op("letter_position", _LET, ("give the position of {x} in the alphabet",
                                  "which number is {x} in the alphabet?"),
        lambda s, v: str(ord(v) - ord("a") + 1)),
@@ -616,7 +311,7 @@ _OPS: tuple[Op, ...] = (
     # === never trained (validation_unseen) ================================================
     Op("ordinal", _NUM, ("write {x} as an ordinal, like 1st or 2nd",
                          "<give|write> the ordinal form of {x}"),
-       lambda s, v: _ordinal(int(v))),
+       lambda s, v: ordinal(int(v))),
     Op("percent", _NUM, ("write {x} as a percentage", "<add|put> a percent sign after {x}"),
        lambda s, v: f"{v}%"),
     Op("two_decimals", _NUM, ("write {x} with two decimal places",
@@ -630,7 +325,7 @@ _OPS: tuple[Op, ...] = (
        lambda s, v: v[:3]),
     Op("season", _MON, ("in which season is {x} in the northern hemisphere?",
                         "<name|give> the season of {x} north of the equator"),
-       lambda s, v: _SEASONS[MONTHS.index(v)]),
+       lambda s, v: SEASONS[MONTHS.index(v)]),
     Op("previous_month", _MON, ("name the month <before|that comes before> {x}",
                                 "which month <precedes|comes before> {x}?"), _shift(MONTHS, -1)),
     Op("day_abbreviation", _DAY, ("give the three-letter abbreviation of {x}",
@@ -644,10 +339,10 @@ _OPS: tuple[Op, ...] = (
     Op("continent", _CTY, ("on which continent is {x}?", "<name|give> the continent of {x}"),
        _lookup([(k, *v) for k, v in COUNTRIES.items()], 3)),
     Op("currency", _CTY, ("what is the currency of {x}?", "<name|give> the currency used in {x}"),
-       lambda s, v: _currency(v)),
+       lambda s, v: currency(v)),
     Op("language", _CTY, ("what language is spoken in {x}?",
                           "<name|give> the official language of {x}"),
-       lambda s, v: _official_language(v)),
+       lambda s, v: official_language(v)),
     Op("demonym", _CTY, ("what do you call a person from {x}?",
                          "<give|write> the nationality adjective of {x}"),
        _lookup([(k, *v) for k, v in COUNTRIES.items()], 4)),
@@ -667,7 +362,7 @@ _OPS: tuple[Op, ...] = (
                          "<write|give> {x} with its indefinite article"), _lookup(NOUNS, 2)),
     Op("previous_letter", _LET, ("give the letter before {x} in the alphabet",
                                  "which letter <precedes|comes before> {x}?"),
-       lambda s, v: _later_letter(v, -1)),
+       lambda s, v: later_letter(v, -1)),
     Op("hashtag", _ANY, ("turn {x} into a hashtag", "<write|put> a hash sign in front of {x}"),
        lambda s, v: "#" + v.replace(" ", "")),
 )
