@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from gist_jax.data import alpaca, sources
+from gist_jax.data import alpaca, sources, suite
 from gist_jax.data import synthetic_v2 as v2
 
 TRAIN_SIZE = 20000  # the suite's default: every training string the quickstart could see
@@ -68,7 +68,7 @@ def test_many_operations_over_every_input_kind():
     for name in v2.TRAIN_OPS:
         op, rng = v2.OPS[name], random.Random(0)
         settings = [op.args(rng) for _ in range(200)]
-        assert not settings[0] or any(not v2.held_out_args(op, s) for s in settings), name
+        assert not settings[0] or any(not suite.held_out_args(op, s) for s in settings), name
 
 
 def test_thousands_of_distinct_training_instructions(train):
@@ -105,7 +105,7 @@ def test_held_out_distances_never_occur_in_training(train, held_out):
 
 
 def test_seen_split_reuses_training_instructions_on_held_out_inputs(train, held_out):
-    pool = {ex["instruction"] for ex in train[: v2.SEEN_POOL]}
+    pool = {ex["instruction"] for ex in train[: suite.SEEN_POOL]}
     seen = held_out["validation_seen"]
     assert {ex["instruction"] for ex in seen} <= pool
     assert len({ex["instruction"] for ex in seen}) >= 60

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from gist_jax.data import alpaca, sources
+from gist_jax.data import alpaca, sources, suite
 from gist_jax.data import synthetic_v3 as v3
 
 TRAIN_SIZE = 20000
@@ -94,7 +94,7 @@ def test_held_out_distances_never_occur_in_training(train, held_out):
 
 
 def test_seen_split_reuses_training_instructions_on_held_out_inputs(train, held_out):
-    pool = {ex["instruction"] for ex in train[: v3.SEEN_POOL]}
+    pool = {ex["instruction"] for ex in train[: suite.SEEN_POOL]}
     seen = held_out["validation_seen"]
     assert {ex["instruction"] for ex in seen} <= pool
     assert len({ex["instruction"] for ex in seen}) >= 60

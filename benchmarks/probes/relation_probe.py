@@ -20,6 +20,7 @@ import random
 
 from gist_jax import evaluate, model_loading
 from gist_jax.convert import loading
+from gist_jax.data import suite
 from gist_jax.data import synthetic_v3 as v3
 from gist_jax.quickstart import default_config
 
@@ -33,12 +34,12 @@ def probe_examples(ops: list[str], per_op: int, shots: int, seed: int = 0) -> li
         kind = v3.KINDS[0] if op.kind == "any" else op.kind
         slots = op.args(rng)
         instruction = op.phrases[0].format(x=v3._NOUN[kind], **slots)
-        instruction = v3._expand(instruction[0].upper() + instruction[1:], rng) + "."
+        instruction = suite.expand(instruction[0].upper() + instruction[1:], rng) + "."
         solved = []
         for x in rng.sample(v3._INPUTS[kind], len(v3._INPUTS[kind])):
             try:
                 solved.append((x, op.apply(slots, x)))
-            except v3._Invalid:
+            except suite.Invalid:
                 continue
         for i in range(min(per_op, len(solved) - shots)):
             demos = solved[i + 1 : i + 1 + shots]

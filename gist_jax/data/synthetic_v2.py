@@ -39,31 +39,39 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-import re
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gist_jax.data.suite import (
+    BRACKETS,
+    CONNECTIVES,
+    FORMAT_CLAUSES,
+    PREFIXES,
+    SPLITS,
+    Invalid,
+    Op,
+    Slots,
+    Suite,
+    arg_partitions,
+    bucket,
+    expand,
+    held_out_pair,
+    sample_slots,
+)
 from gist_jax.data.synthetic import WORDS
 
 SOURCE = "synthetic_v2"
-SPLITS: tuple[str, ...] = ("train", "validation_seen", "validation_recombined", "validation_unseen")
 DEFAULT_SIZES: dict[str, int] = {
     "train": 20000,
     "validation_seen": 400,
     "validation_recombined": 400,
     "validation_unseen": 400,
 }
-SEEN_POOL = 2000  # validation_seen reuses instructions of the first this-many train examples
 COMPOSED_SHARE = 0.35  # share of train / recombined examples that compose two operations
 HELD_OUT_INPUT_BUCKETS = 10  # one input in ten (stable hash) is never trained on
-HELD_OUT_ARG_BUCKETS = 4  # about one argument setting in four is kept for recombined
-HELD_OUT_PAIR_BUCKETS = 4  # about one pair of operations in four is kept for recombined
-_MAX_TRIES = 2000
 _INPUT_TRIES = 200  # inputs tried for one instruction before another is drawn
 
 Value = Any  # str (a word), list[str] or list[int]
-Slots = dict[str, Any]
 
 _ORDINALS = ("first", "second", "third", "fourth", "fifth")
 _ORDINAL_DIGITS = ("1st", "2nd", "3rd", "4th", "5th")
@@ -80,55 +88,8 @@ _SEPARATORS = (
     ("|", "vertical bars"),
     ("*", "asterisks"),
 )
-_BRACKETS = (
-    ("[", "]", "square brackets"),
-    ("(", ")", "<parentheses|round brackets>"),
-    ("{", "}", "curly braces"),
-    ("<", ">", "angle brackets"),
-    ('"', '"', "double quotes"),
-    ("*", "*", "asterisks"),
-)
-# "Instruction: " doubles the prompt template's own label for one instruction in six; kept
-# because the measured runs (docs/results.md) used exactly this suite.
-_PREFIXES = ("", "", "", "Please ", "Task: ", "Instruction: ")
-_FORMAT_CLAUSES = (
-    "",
-    "",
-    " Answer with the result only.",
-    " Reply with just the answer.",
-    " Output nothing else.",
-    " Give only the final answer.",
-)
-_CONNECTIVES = (
-    "{a}, then {b}",
-    "first {a}, then {b}",
-    "{a} and then {b}",
-    "{a}; after that, {b}",
-    "start by taking the input and {a}; next, {b}",
-)
 _NOUN = {"word": "the word", "words": "<the words|the list|the list of words>",
          "numbers": "<the numbers|the list|the list of numbers>"}  # fmt: skip
-
-
-class _Invalid(Exception):
-    """The sampled input does not suit the operation (e.g. too short): sample again."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Op:
-    """One operation: ``kind`` -> a value; ``phrases`` are imperative templates over the
-    slots that ``args`` samples (``{x}`` stands for the noun of the input kind);
-    ``chainable`` ops return a value of their own kind, so a second op can follow."""
-
-    name: str
-    kind: str
-    phrases: tuple[str, ...]
-    apply: Callable[[Slots, Value], Value]
-    args: Callable[[random.Random], Slots] = lambda rng: {}
-    chainable: bool = False
-    # Ops whose phrases can read the same for two input kinds ("join the list with
-    # slashes") share a family, so an argument setting is held out for both or neither.
-    family: str = ""
 
 
 # -- argument samplers ---------------------------------------------------------------------
@@ -162,7 +123,7 @@ def _separator(rng: random.Random) -> Slots:
 
 
 def _bracket(rng: random.Random) -> Slots:
-    left, right, name = rng.choice(_BRACKETS)
+    left, right, name = rng.choice(BRACKETS)
     return {"left": left, "right": right, "bracket_name": name}
 
 
@@ -192,13 +153,13 @@ def _target_word(rng: random.Random) -> Slots:
 
 def _at(values: Sequence[Any], n: int) -> Any:
     if n > len(values):
-        raise _Invalid
+        raise Invalid
     return values[n - 1]
 
 
 def _nonempty(values: list[Any]) -> list[Any]:
     if not values:
-        raise _Invalid
+        raise Invalid
     return values
 
 
@@ -209,14 +170,14 @@ def _without(values: list[Any], n: int) -> list[Any]:
 
 def _position(values: list[Any], target: Any) -> int:
     if target not in values:
-        raise _Invalid
+        raise Invalid
     return values.index(target) + 1
 
 
 def _unique(values: Sequence[Any], key: Callable[[Any], Any], pick: Callable) -> Any:
     best = pick(values, key=key)
     if sum(key(v) == key(best) for v in values) != 1:
-        raise _Invalid
+        raise Invalid
     return best
 
 
@@ -226,7 +187,7 @@ def _yes(flag: bool) -> str:
 
 def _has_letter(s: Slots, w: str) -> str:
     if s["c"] not in w:
-        raise _Invalid
+        raise Invalid
     return w
 
 
@@ -409,29 +370,6 @@ TRAIN_OPS: tuple[str, ...] = tuple(name for name in OPS if name not in UNSEEN_OP
 KINDS: tuple[str, ...] = (_W, _L, _N)
 
 
-def _bucket(key: str, buckets: int) -> int:
-    return zlib.crc32(key.encode()) % buckets
-
-
-def _args_key(op: Op, slots: Slots) -> str:
-    # The argument values that change the answer (display variants like "<3|three>" are
-    # the same setting, so they are left out).
-    values = {k: v for k, v in slots.items() if not (isinstance(v, str) and "<" in v)}
-    return f"{op.family or op.name}|{sorted(values.items())}"
-
-
-def held_out_args(op: Op, slots: Slots) -> bool:
-    """Whether this argument setting of a trained op is kept for ``validation_recombined``
-    (ops without arguments have none held out)."""
-    return bool(slots) and _bucket(_args_key(op, slots), HELD_OUT_ARG_BUCKETS) == 0
-
-
-def held_out_pair(first: str, second: str) -> bool:
-    """Whether the composition ``first`` then ``second`` is kept for
-    ``validation_recombined``."""
-    return _bucket(f"{first}+{second}", HELD_OUT_PAIR_BUCKETS) == 0
-
-
 def trained_pairs(held_out: bool = False) -> list[tuple[str, str]]:
     """Compositions of two trained ops of one kind (the first chainable), split by
     ``held_out_pair``."""
@@ -464,19 +402,10 @@ def _output_text(value: Value) -> str:
 
 
 def _held_out_input(text: str) -> bool:
-    return _bucket(text, HELD_OUT_INPUT_BUCKETS) == 0
+    return bucket(text, HELD_OUT_INPUT_BUCKETS) == 0
 
 
 # -- instructions --------------------------------------------------------------------------
-
-_CHOICE = re.compile(r"<([^<>]*\|[^<>]*)>")
-
-
-def _expand(text: str, rng: random.Random) -> str:
-    # "<a|b|c>" -> one of a, b, c (repeatedly: slot values may hold alternatives too).
-    while (m := _CHOICE.search(text)) is not None:
-        text = text[: m.start()] + rng.choice(m.group(1).split("|")) + text[m.end() :]
-    return text
 
 
 def _phrase(op: Op, slots: Slots, rng: random.Random) -> str:
@@ -484,11 +413,11 @@ def _phrase(op: Op, slots: Slots, rng: random.Random) -> str:
 
 
 def _sentence(body: str, rng: random.Random) -> str:
-    body = _expand(body, rng)
-    prefix = rng.choice(_PREFIXES)
+    body = expand(body, rng)
+    prefix = rng.choice(PREFIXES)
     if not prefix or prefix.endswith(": "):
         body = body[0].upper() + body[1:]
-    return f"{prefix}{body}.{rng.choice(_FORMAT_CLAUSES)}"
+    return f"{prefix}{body}.{rng.choice(FORMAT_CLAUSES)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,42 +437,26 @@ class Spec:
         return OPS[self.ops[0]].kind
 
     def answer(self, value: Value) -> str:
-        """The output for an input value; raises ``_Invalid`` if the input does not suit."""
+        """The output for an input value; raises ``Invalid`` if the input does not suit."""
         for name, slots in zip(self.ops, self.slots, strict=True):
             value = OPS[name].apply(slots, value)
         if isinstance(value, list) and not value:
-            raise _Invalid
+            raise Invalid
         return _output_text(value)
-
-
-def _sample_slots(op: Op, rng: random.Random, held_out: bool | None) -> Slots:
-    # held_out: True only held-out argument settings, False only training ones, None any.
-    for _ in range(_MAX_TRIES):
-        slots = op.args(rng)
-        if held_out is None or held_out_args(op, slots) == held_out:
-            return slots
-    raise RuntimeError(f"op {op.name}: no argument setting in the requested partition")
 
 
 def _single(name: str, rng: random.Random, held_out_arg: bool | None) -> Spec:
     op = OPS[name]
-    slots = _sample_slots(op, rng, held_out_arg)
+    slots = sample_slots(op, rng, held_out_arg)
     return Spec((name,), (slots,), _sentence(_phrase(op, slots, rng), rng))
 
 
 def _composed(pair: tuple[str, str], rng: random.Random, held_out_arg: bool | None) -> Spec:
     ops = [OPS[name] for name in pair]
-    slots = tuple(_sample_slots(op, rng, held_out_arg) for op in ops)
+    slots = tuple(sample_slots(op, rng, held_out_arg) for op in ops)
     # The second phrase refers to the intermediate result with the same noun.
     a, b = (_phrase(op, s, rng) for op, s in zip(ops, slots, strict=True))
-    return Spec(pair, slots, _sentence(rng.choice(_CONNECTIVES).format(a=a, b=b), rng))
-
-
-def arg_partitions(op: Op) -> tuple[bool, bool]:
-    """(has training settings, has held-out settings) of an op's arguments."""
-    rng = random.Random(0)
-    held = {held_out_args(op, op.args(rng)) for _ in range(500)}
-    return False in held, True in held
+    return Spec(pair, slots, _sentence(rng.choice(CONNECTIVES).format(a=a, b=b), rng))
 
 
 # Trained ops whose arguments have settings on both sides (validation_recombined uses the
@@ -561,7 +474,7 @@ def _example(spec: Spec, rng: random.Random, held_out_input: bool | None) -> dic
             continue
         try:
             output = spec.answer(value)
-        except _Invalid:
+        except Invalid:
             continue
         return {
             "instruction": spec.instruction,
@@ -571,84 +484,6 @@ def _example(spec: Spec, rng: random.Random, held_out_input: bool | None) -> dic
             "source": SOURCE,
         }
     return None
-
-
-def _generate(
-    specs: Any,
-    rng: random.Random,
-    held_out_input: bool | None,
-    num_examples: int,
-    example_of: Callable[..., dict | None] | None = None,
-) -> list[tuple[Any, dict[str, Any]]]:
-    """``num_examples`` (spec, example) pairs from an endless spec stream; ``example_of``
-    (default this suite's ``_example``) turns a spec into an example or None."""
-    example_of = example_of or _example
-    out = []
-    while len(out) < num_examples:
-        spec = next(specs)
-        example = example_of(spec, rng, held_out_input)
-        if example is not None:
-            out.append((spec, example))
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Suite:
-    """What a suite version plugs into the shared split logic: its ops, how it phrases one
-    op or a pair, and how it draws an input for an instruction."""
-
-    name: str  # the source name; seeds the per-split random streams
-    train_ops: tuple[str, ...]
-    unseen_ops: tuple[str, ...]
-    held_out_arg_ops: tuple[str, ...]
-    train_pairs: list[tuple[str, str]]
-    held_out_pairs: list[tuple[str, str]]
-    composed_share: float  # share of train / recombined examples that compose two ops
-    single: Callable[[str, random.Random, bool | None], Any]
-    composed: Callable[[tuple[str, str], random.Random, bool | None], Any]
-    example: Callable[[Any, random.Random, bool | None], dict | None]
-
-    def rng(self, seed: int, split: str) -> random.Random:
-        return random.Random(f"gist_jax.{self.name}:{seed}:{split}")
-
-    def spec_stream(self, split: str, rng: random.Random) -> Any:
-        """Endless instruction specs of a split (not validation_seen, which copies train's)."""
-        order: list[str] = []
-        while True:
-            if split == "validation_unseen":
-                if not order:
-                    order = list(self.unseen_ops)
-                    rng.shuffle(order)
-                yield self.single(order.pop(), rng, None)
-            elif split == "train":
-                if rng.random() < self.composed_share:
-                    yield self.composed(rng.choice(self.train_pairs), rng, False)
-                else:
-                    yield self.single(rng.choice(self.train_ops), rng, False)
-            elif rng.random() < 0.5:  # validation_recombined: a held-out pair ...
-                yield self.composed(rng.choice(self.held_out_pairs), rng, False)
-            else:  # ... or a trained op with a held-out argument setting
-                yield self.single(rng.choice(self.held_out_arg_ops), rng, True)
-
-    def make_split(self, split: str, num_examples: int, seed: int = 0) -> list[dict[str, Any]]:
-        """``num_examples`` examples of ``split``, deterministic from ``(split, seed)``."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown {self.name} split {split!r}; expected one of {SPLITS}")
-        if num_examples < 0:
-            raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-        rng = self.rng(seed, split)
-        if split == "validation_seen":
-            # Instructions of the first SEEN_POOL training examples, on held-out inputs.
-            train_rng = self.rng(seed, "train")
-            train = self.spec_stream("train", train_rng)
-            pool = [spec for spec, _ in _generate(train, train_rng, False, SEEN_POOL, self.example)]
-            return [
-                ex
-                for _, ex in _generate(_choices(pool, rng), rng, True, num_examples, self.example)
-            ]
-        held_out_input = False if split == "train" else None
-        stream = self.spec_stream(split, rng)
-        return [ex for _, ex in _generate(stream, rng, held_out_input, num_examples, self.example)]
 
 
 SUITE = Suite(
@@ -665,11 +500,6 @@ SUITE = Suite(
 )
 
 make_split = SUITE.make_split
-
-
-def _choices(pool: Sequence[Spec], rng: random.Random) -> Any:
-    while True:
-        yield rng.choice(pool)
 
 
 def write_splits(out_dir: str, sizes: dict[str, int] | None = None, seed: int = 0) -> None:

@@ -51,24 +51,24 @@ from typing import Any
 from babel import Locale
 from num2words import num2words
 
-from gist_jax.data import synthetic_v2
-from gist_jax.data.synthetic import WORDS
-from gist_jax.data.synthetic_v2 import (
-    _BRACKETS,
-    _CONNECTIVES,
-    _FORMAT_CLAUSES,
-    _PREFIXES,
+from gist_jax.data import suite
+from gist_jax.data.suite import (
+    BRACKETS,
+    CONNECTIVES,
+    FORMAT_CLAUSES,
+    PREFIXES,
+    Invalid,
     Op,
     Slots,
     Suite,
-    _bucket,
-    _expand,
-    _Invalid,
-    _sample_slots,
     arg_partitions,
+    bucket,
+    expand,
     held_out_args,  # noqa: F401 (part of this suite's interface, as in version 2)
     held_out_pair,
+    sample_slots,
 )
+from gist_jax.data.synthetic import WORDS
 from gist_jax.data.synthetic_v3_facts import (
     ADJECTIVES,
     ADVERBS,
@@ -93,14 +93,13 @@ from gist_jax.data.synthetic_v3_facts import (
 )
 
 SOURCE = "synthetic_v3"
-SPLITS: tuple[str, ...] = ("train", "validation_seen", "validation_recombined", "validation_unseen")
+SPLITS = suite.SPLITS
 DEFAULT_SIZES: dict[str, int] = {
     "train": 20000,
     "validation_seen": 400,
     "validation_recombined": 400,
     "validation_unseen": 400,
 }
-SEEN_POOL = synthetic_v2.SEEN_POOL  # the split logic is version 2's (synthetic_v2.Suite)
 COMPOSED_SHARE = 0.3
 HELD_OUT_INPUT_BUCKETS = 10
 _INPUT_TRIES = 200
@@ -113,7 +112,7 @@ def _lookup(rows: Sequence[Sequence[str]], column: int) -> Any:
 
     def apply(slots: Slots, value: str) -> str:
         if value not in table:
-            raise _Invalid
+            raise Invalid
         return table[value]
 
     return apply
@@ -122,7 +121,7 @@ def _lookup(rows: Sequence[Sequence[str]], column: int) -> Any:
 def _in(mapping: Any) -> Any:
     def apply(slots: Slots, value: str) -> str:
         if value not in mapping:
-            raise _Invalid
+            raise Invalid
         return mapping[value]
 
     return apply
@@ -132,7 +131,7 @@ def _number_in(low: int, high: int, fn: Any) -> Any:
     def apply(slots: Slots, value: str) -> str:
         n = int(value)
         if not low <= n <= high:
-            raise _Invalid
+            raise Invalid
         return fn(slots, n)
 
     return apply
@@ -176,7 +175,7 @@ def _extra_word(rng: random.Random) -> Slots:
 
 
 def _bracket(rng: random.Random) -> Slots:
-    left, right, name = rng.choice(_BRACKETS)
+    left, right, name = rng.choice(BRACKETS)
     return {"left": left, "right": right, "bracket_name": name}
 
 
@@ -400,7 +399,7 @@ _INPUTS: dict[str, tuple[str, ...]] = {
 def held_out_input(op_name: str, text: str) -> bool:
     """Whether ``text`` is one of the inputs never trained on with ``op_name`` (one in ten,
     chosen per relation so every input is trained on with some relation)."""
-    return _bucket(f"{op_name}|{text}", HELD_OUT_INPUT_BUCKETS) == 0
+    return bucket(f"{op_name}|{text}", HELD_OUT_INPUT_BUCKETS) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,14 +430,14 @@ def _phrase(op: Op, slots: Slots, noun: str, rng: random.Random, imperative: boo
 def _sentence(body: str, rng: random.Random) -> str:
     """Version 2's surface (prefix, capital, answer-format clause), and questions kept as
     questions: no "Please" in front and no full stop after the question mark."""
-    body = _expand(body, rng)
+    body = expand(body, rng)
     question = body.endswith("?")
-    prefix = rng.choice(_PREFIXES)
+    prefix = rng.choice(PREFIXES)
     if question and prefix == "Please ":
         prefix = ""
     if not prefix or prefix.endswith(": "):
         body = body[0].upper() + body[1:]
-    return f"{prefix}{body}{'' if question else '.'}{rng.choice(_FORMAT_CLAUSES)}"
+    return f"{prefix}{body}{'' if question else '.'}{rng.choice(FORMAT_CLAUSES)}"
 
 
 def _kind_for(op: Op, rng: random.Random) -> str:
@@ -448,17 +447,17 @@ def _kind_for(op: Op, rng: random.Random) -> str:
 def _single(name: str, rng: random.Random, held_out_arg: bool | None) -> Spec:
     op = OPS[name]
     kind = _kind_for(op, rng)
-    slots = _sample_slots(op, rng, held_out_arg)
+    slots = sample_slots(op, rng, held_out_arg)
     text = _sentence(_phrase(op, slots, _NOUN[kind], rng), rng)
     return Spec((name,), (slots,), text, kind)
 
 
 def _composed(pair: tuple[str, str], rng: random.Random, held_out_arg: bool | None) -> Spec:
     first, second = (OPS[name] for name in pair)
-    slots = tuple(_sample_slots(op, rng, held_out_arg) for op in (first, second))
+    slots = tuple(sample_slots(op, rng, held_out_arg) for op in (first, second))
     a = _phrase(first, slots[0], _NOUN[first.kind], rng, imperative=True)
     b = _phrase(second, slots[1], _RESULT, rng, imperative=True)
-    text = _sentence(rng.choice(_CONNECTIVES).format(a=a, b=b), rng)
+    text = _sentence(rng.choice(CONNECTIVES).format(a=a, b=b), rng)
     return Spec(pair, slots, text, first.kind)
 
 
@@ -472,7 +471,7 @@ def _example(spec: Spec, rng: random.Random, held_out_input_: bool | None) -> di
             continue
         try:
             output = spec.answer(text)
-        except _Invalid:
+        except Invalid:
             continue
         return {
             "instruction": spec.instruction,

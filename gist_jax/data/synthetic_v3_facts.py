@@ -11,7 +11,7 @@ from babel.languages import get_official_languages
 from babel.numbers import get_currency_name, get_territory_currencies
 from num2words import num2words
 
-from gist_jax.data.synthetic_v2 import _Invalid
+from gist_jax.data.suite import Invalid
 
 
 def words(text: str) -> tuple[str, ...]:
@@ -320,7 +320,7 @@ def roman(n: int) -> str:
 def later_letter(letter: str, n: int) -> str:
     index = LETTERS.index(letter) + n
     if not 0 <= index < len(LETTERS):
-        raise _Invalid
+        raise Invalid
     return LETTERS[index]
 
 
@@ -331,7 +331,7 @@ def ordinal(n: int) -> str:
 def official_language(country: str) -> str:
     languages = get_official_languages(COUNTRIES[country][0])
     if len(languages) != 1:  # several official languages: no single answer
-        raise _Invalid
+        raise Invalid
     return ENGLISH.languages[languages[0]]
 
 
