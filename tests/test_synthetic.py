@@ -206,7 +206,7 @@ def test_the_instruction_is_necessary():
 
 def test_write_splits_round_trip_through_the_loader(tmp_path):
     sizes = {"train": 30, "validation_seen": 10, "validation_unseen": 10}
-    paths = synthetic.write_splits(tmp_path, sizes, seed=3)
+    paths = sources.write_splits("synthetic", tmp_path, sizes, seed=3)
     assert sorted(paths) == sorted(sizes)
     for split, size in sizes.items():
         examples, report = alpaca.load_split(tmp_path, split, cache_dir=tmp_path / "cache")

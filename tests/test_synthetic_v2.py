@@ -49,7 +49,7 @@ def test_loaded_through_sources_and_written_as_alpaca_files(tmp_path):
     assert examples == v2.make_split("validation_recombined", 10) and report.kept == 10
     with pytest.raises(ValueError, match="expected one of"):
         sources.load_examples("synthetic_v2", "validation_human", 10)
-    v2.write_splits(str(tmp_path), {"validation_unseen": 12})
+    sources.write_splits("synthetic_v2", tmp_path, {"validation_unseen": 12})
     loaded, _ = alpaca.load_split(tmp_path, "validation_unseen")
     assert [ex["output"] for ex in loaded] == [
         ex["output"] for ex in v2.make_split("validation_unseen", 12)

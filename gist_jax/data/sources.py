@@ -9,6 +9,7 @@ or URL prefix holding ``alpaca_plus_{split}.json`` (read and validated by ``alpa
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 from gist_jax.data import alpaca
@@ -16,6 +17,15 @@ from gist_jax.data import alpaca
 SYNTHETIC = "synthetic"
 SYNTHETIC_V2 = "synthetic_v2"
 SYNTHETIC_V3 = "synthetic_v3"
+SUITES = (SYNTHETIC, SYNTHETIC_V2, SYNTHETIC_V3)
+
+
+def suite_module(source: str) -> Any:
+    """The module of a synthetic suite (imported on first use: generating one takes a
+    moment, and CLDR data is only read by version 3)."""
+    import importlib
+
+    return importlib.import_module(f"gist_jax.data.{source}")
 
 
 def load_examples(
@@ -32,13 +42,8 @@ def load_examples(
     ``seed`` choose what is generated; for files, ``num_examples`` keeps only the first
     that many examples (after validation) and ``seed`` is unused.
     """
-    if str(source) in (SYNTHETIC, SYNTHETIC_V2, SYNTHETIC_V3):
-        # Imported here so `python -m gist_jax.data.synthetic` does not import it twice.
-        from gist_jax.data import synthetic, synthetic_v2, synthetic_v3
-
-        suite = {SYNTHETIC: synthetic, SYNTHETIC_V2: synthetic_v2, SYNTHETIC_V3: synthetic_v3}[
-            str(source)
-        ]
+    if str(source) in SUITES:
+        suite = suite_module(str(source))
         if split not in suite.SPLITS:
             raise ValueError(f"unknown {source} split {split!r}; expected one of {suite.SPLITS}")
         size = suite.DEFAULT_SIZES[split] if num_examples is None else num_examples
@@ -53,12 +58,13 @@ def load_examples(
 
 def write_splits(
     source: str, out_dir: str | os.PathLike, sizes: dict[str, int], seed: int = 0
-) -> None:
+) -> dict[str, pathlib.Path]:
     """Write ``alpaca_plus_{split}.json`` under ``out_dir`` for each ``split: size`` of a
-    synthetic ``source``, so the suite can be read back like Alpaca+ files."""
-    import pathlib
-
+    synthetic ``source``, so the suite can be read back like Alpaca+ files; returns the
+    paths."""
+    paths = {}
     for split, size in sizes.items():
         path = pathlib.Path(out_dir) / f"alpaca_plus_{split}.json"
         alpaca.write_examples(path, load_examples(source, split, size, seed)[0])
-        print(f"{split}: {size} examples -> {path}")
+        paths[split] = path
+    return paths

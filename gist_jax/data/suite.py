@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+INPUT_TRIES = 200  # inputs tried for one instruction before another is drawn
 SPLITS: tuple[str, ...] = ("train", "validation_seen", "validation_recombined", "validation_unseen")
 SEEN_POOL = 2000  # validation_seen reuses instructions of the first this-many train examples
 
@@ -153,7 +154,31 @@ class Suite:
     composed_share: float  # share of train / recombined examples that compose two ops
     single: Callable[[str, random.Random, bool | None], Any]
     composed: Callable[[tuple[str, str], random.Random, bool | None], Any]
-    example: Callable[[Any, random.Random, bool | None], dict | None]
+    # A fresh input for a spec: (the value its answer is computed from, the input text).
+    draw_input: Callable[[Any, random.Random], tuple[Any, str]]
+    # Whether an input text is held out of training (for the spec's op).
+    held_out_input: Callable[[Any, str], bool]
+
+    def example(self, spec: Any, rng: random.Random, held_out_input: bool | None) -> dict | None:
+        """An example of ``spec`` on a fresh input (a held-out one, a training one, or any,
+        as ``held_out_input`` says), or None when no input suits it (e.g. "capitalise,
+        then keep the words starting with 't'")."""
+        for _ in range(INPUT_TRIES):
+            value, text = self.draw_input(spec, rng)
+            if held_out_input is not None and self.held_out_input(spec, text) != held_out_input:
+                continue
+            try:
+                output = spec.answer(value)
+            except Invalid:
+                continue
+            return {
+                "instruction": spec.instruction,
+                "input": text,
+                "output": output,
+                "task": spec.task,
+                "source": self.name,
+            }
+        return None
 
     def rng(self, seed: int, split: str) -> random.Random:
         return random.Random(f"gist_jax.{self.name}:{seed}:{split}")

@@ -26,18 +26,16 @@ from ``random.Random(f"gist_jax.synthetic:{seed}:{split}")``. ``make_split`` ret
 keys plus ``task`` (the family) and ``source`` ("synthetic"); ``write_splits`` writes
 ``alpaca_plus_{split}.json`` files that ``gist_jax.data.alpaca.load_split`` reads.
 
-Command line: ``python -m gist_jax.data.synthetic --out_dir DIR [--train_size N]
+Command line: ``python -m gist_jax.data --source=synthetic --out_dir=DIR [--train_size=N]
 [--validation_size N] [--seed S]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
 import random
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -582,58 +580,3 @@ def make_split(split: str, num_examples: int, seed: int = 0) -> list[dict[str, A
             rng.shuffle(round_order)
         examples.append(make_example(TASKS[round_order.pop()], rng, held_out))
     return examples
-
-
-def write_splits(
-    out_dir: str | os.PathLike, sizes: Mapping[str, int] | None = None, seed: int = 0
-) -> dict[str, pathlib.Path]:
-    """Write ``alpaca_plus_{split}.json`` for each split in ``sizes`` (default
-    ``DEFAULT_SIZES``); returns the paths."""
-    from gist_jax.data.alpaca import write_examples
-
-    paths = {}
-    for split, size in (sizes or DEFAULT_SIZES).items():
-        path = pathlib.Path(out_dir) / f"alpaca_plus_{split}.json"
-        write_examples(path, make_split(split, size, seed))
-        paths[split] = path
-    return paths
-
-
-def main(argv: Sequence[str]) -> None:
-    """absl entry point: write the synthetic splits as JSON files."""
-    from absl import flags
-
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    values = flags.FLAGS
-    sizes = {
-        "train": values.train_size,
-        "validation_seen": values.validation_size,
-        "validation_unseen": values.validation_size,
-    }
-    for split, path in write_splits(values.out_dir, sizes, values.seed).items():
-        print(f"{split}: {sizes[split]} examples -> {path}")
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("out_dir", None, "Directory for alpaca_plus_{split}.json files.")
-    flags.DEFINE_integer("train_size", DEFAULT_SIZES["train"], "Training examples.")
-    flags.DEFINE_integer(
-        "validation_size", DEFAULT_SIZES["validation_seen"], "Examples per validation split."
-    )
-    flags.DEFINE_integer("seed", 0, "Generation seed.")
-    flags.mark_flag_as_required("out_dir")
-
-
-def run() -> None:
-    """Console-script entry point."""
-    from absl import app
-
-    _define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    run()

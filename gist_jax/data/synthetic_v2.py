@@ -30,8 +30,8 @@ Splits (deterministic from ``seed``):
   all three input kinds), each a relative of trained ones so the instruction explains it.
 
 Examples carry the Alpaca+ keys plus ``task`` (the operation, or ``"a+b"`` for a
-composition) and ``source``. ``python -m gist_jax.data.synthetic_v2 --out_dir DIR`` writes
-the splits as ``alpaca_plus_{split}.json`` files.
+composition) and ``source``. ``python -m gist_jax.data --source=synthetic_v2
+--out_dir=DIR`` writes the splits as ``alpaca_plus_{split}.json`` files.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gist_jax.data import suite
 from gist_jax.data.suite import (
     BRACKETS,
     CONNECTIVES,
     FORMAT_CLAUSES,
     PREFIXES,
-    SPLITS,
     Invalid,
     Op,
     Slots,
@@ -61,6 +61,7 @@ from gist_jax.data.suite import (
 from gist_jax.data.synthetic import WORDS
 
 SOURCE = "synthetic_v2"
+SPLITS = suite.SPLITS
 DEFAULT_SIZES: dict[str, int] = {
     "train": 20000,
     "validation_seen": 400,
@@ -69,7 +70,6 @@ DEFAULT_SIZES: dict[str, int] = {
 }
 COMPOSED_SHARE = 0.35  # share of train / recombined examples that compose two operations
 HELD_OUT_INPUT_BUCKETS = 10  # one input in ten (stable hash) is never trained on
-_INPUT_TRIES = 200  # inputs tried for one instruction before another is drawn
 
 Value = Any  # str (a word), list[str] or list[int]
 
@@ -464,26 +464,9 @@ def _composed(pair: tuple[str, str], rng: random.Random, held_out_arg: bool | No
 HELD_OUT_ARG_OPS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if all(arg_partitions(OPS[n])))
 
 
-def _example(spec: Spec, rng: random.Random, held_out_input: bool | None) -> dict | None:
-    """An example of ``spec`` on a fresh input, or None when no input suits it (e.g.
-    "capitalise, then keep the words starting with 't'")."""
-    for _ in range(_INPUT_TRIES):
-        value = _sample_input(spec.kind, rng)
-        text = _input_text(value)
-        if held_out_input is not None and _held_out_input(text) != held_out_input:
-            continue
-        try:
-            output = spec.answer(value)
-        except Invalid:
-            continue
-        return {
-            "instruction": spec.instruction,
-            "input": text,
-            "output": output,
-            "task": spec.task,
-            "source": SOURCE,
-        }
-    return None
+def _draw_input(spec: Spec, rng: random.Random) -> tuple[Value, str]:
+    value = _sample_input(spec.kind, rng)
+    return value, _input_text(value)
 
 
 SUITE = Suite(
@@ -496,41 +479,8 @@ SUITE = Suite(
     composed_share=COMPOSED_SHARE,
     single=_single,
     composed=_composed,
-    example=_example,
+    draw_input=_draw_input,
+    held_out_input=lambda spec, text: _held_out_input(text),
 )
 
 make_split = SUITE.make_split
-
-
-def write_splits(out_dir: str, sizes: dict[str, int] | None = None, seed: int = 0) -> None:
-    """Write ``alpaca_plus_{split}.json`` for each split in ``sizes`` (default all)."""
-    import pathlib
-
-    from gist_jax.data.alpaca import write_examples
-
-    for split, size in (sizes or DEFAULT_SIZES).items():
-        path = pathlib.Path(out_dir) / f"alpaca_plus_{split}.json"
-        write_examples(path, make_split(split, size, seed))
-        print(f"{split}: {size} examples -> {path}")
-
-
-def main(argv: Sequence[str]) -> None:
-    """absl entry point."""
-    from absl import flags
-
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    sizes = {s: f.train_size if s == "train" else f.validation_size for s in SPLITS}
-    write_splits(f.out_dir, sizes, f.seed)
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("out_dir", None, "Directory for alpaca_plus_{split}.json files.")
-    flags.DEFINE_integer("train_size", DEFAULT_SIZES["train"], "Training examples.")
-    flags.DEFINE_integer("validation_size", 400, "Examples per validation split.")
-    flags.DEFINE_integer("seed", 0, "Generation seed.")
-    flags.mark_flag_as_required("out_dir")
-    app.run(main)

@@ -102,7 +102,6 @@ DEFAULT_SIZES: dict[str, int] = {
 }
 COMPOSED_SHARE = 0.3
 HELD_OUT_INPUT_BUCKETS = 10
-_INPUT_TRIES = 200
 # Held-out argument settings and (relation, format) pairs use version 2's buckets
 # (``held_out_args``, ``held_out_pair``): one in four of each.
 
@@ -464,23 +463,9 @@ def _composed(pair: tuple[str, str], rng: random.Random, held_out_arg: bool | No
 HELD_OUT_ARG_OPS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if all(arg_partitions(OPS[n])))
 
 
-def _example(spec: Spec, rng: random.Random, held_out_input_: bool | None) -> dict | None:
-    for _ in range(_INPUT_TRIES):
-        text = rng.choice(_INPUTS[spec.kind])
-        if held_out_input_ is not None and held_out_input(spec.ops[0], text) != held_out_input_:
-            continue
-        try:
-            output = spec.answer(text)
-        except Invalid:
-            continue
-        return {
-            "instruction": spec.instruction,
-            "input": text,
-            "output": output,
-            "task": spec.task,
-            "source": SOURCE,
-        }
-    return None
+def _draw_input(spec: Spec, rng: random.Random) -> tuple[str, str]:
+    text = rng.choice(_INPUTS[spec.kind])
+    return text, text
 
 
 SUITE = Suite(
@@ -493,7 +478,8 @@ SUITE = Suite(
     composed_share=COMPOSED_SHARE,
     single=_single,
     composed=_composed,
-    example=_example,
+    draw_input=_draw_input,
+    held_out_input=lambda spec, text: held_out_input(spec.ops[0], text),
 )
 
 make_split = SUITE.make_split
