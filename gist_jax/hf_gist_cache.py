@@ -25,6 +25,7 @@ tiny random LLaMA at batch 1 and 4. Decoder-only models only. Needs ``torch`` (t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 from collections.abc import Sequence
@@ -85,10 +86,17 @@ def encode(
     )
 
 
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """The name of the cache argument and output: ``cache`` in newer transformers releases,
+    ``past_key_values`` in older ones."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _forward(model: Any, past: DynamicCache | None, **inputs: Any) -> tuple[Any, DynamicCache]:
-    """Logits and the updated cache; the cache argument is ``cache`` in newer transformers
-    releases and ``past_key_values`` in older ones."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """Logits and the updated cache."""
+    name = _cache_argument(type(model))
     out = model(**inputs, **({name: past} if past is not None else {}), use_cache=True)
     return out.logits, getattr(out, name)
 
