@@ -7,8 +7,9 @@ scanned layers, remat), its family and tokenizer. ``load_params`` gives the para
 evaluate or serve: a training checkpoint's params only (never the optimizer state), or the
 config's own model when the workdir has no checkpoint.
 
-Training, evaluation and the command-line tools load models here and nowhere else;
-``gist_jax.convert.loading`` is the one reader of a converted checkpoint directory below it.
+Training, evaluation and the quickstart load models here (``gist-compress`` and
+``gist-generate``, which take a converted directory rather than a run config, read it with
+``gist_jax.convert.loading``, the one reader of a converted checkpoint directory).
 """
 
 from __future__ import annotations

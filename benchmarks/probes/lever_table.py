@@ -7,7 +7,8 @@ and optionally the plot of the held-out gap share against training minutes.
         --row="lm, k = 1|lm|5.0|G1.jsonl" --row="distill, k = 1|distill|6.6|G2.jsonl" \\
         [--plot=out.png] [--json=out.json]
 
-A row is ``label|series|minutes|gist predictions``; ``series`` groups the plot's lines.
+A row is ``label|series|minutes|gist predictions[|controls]``; ``series`` groups the plot's
+lines; a row's own controls (another seed's) replace ``--controls`` for it.
 With ``--baseline=G.jsonl`` each row also gets its paired ROUGE-L difference to that gist
 model on the same examples (mean +- standard error), per split: the sensitive comparison
 between two recipes, which overlapping gap-share intervals cannot make.
@@ -102,7 +103,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=series)
     ax.axhline(70, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("training minutes of the gist model (2-core CPU)")
-    ax.set_ylabel("gap recovered, validation_unseen (%)")
+    ax.set_ylabel("unseen gap recovered (%)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -112,18 +113,20 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--controls", required=True, help="predictions.jsonl with both controls")
-    parser.add_argument("--row", action="append", required=True, help="label|series|minutes|path")
+    parser.add_argument(
+        "--row", action="append", required=True, help="label|series|minutes|path[|controls]"
+    )
     parser.add_argument("--baseline", help="a gist predictions.jsonl to pair every row with")
     parser.add_argument("--plot", help="write the gap-share plot here")
     parser.add_argument("--json", help="write the scores here")
     args = parser.parse_args()
     rows = []
     for spec in args.row:
-        label, series, minutes, path = spec.split("|")
-        scores = score_row(args.controls, path)
+        label, series, minutes, path, *own = spec.split("|")
+        scores = score_row(own[0] if own else args.controls, path)
         rows.append(dict(label=label, series=series, minutes=float(minutes), scores=scores))
         cells = " | ".join(_cell(scores[s]) for s in SPLITS)
-        if args.baseline:
+        if args.baseline and not own:
             diff = paired_difference(args.baseline, path)
             rows[-1]["paired_vs_baseline"] = diff
             cells += " | " + " | ".join(f"{m:+.1f} +- {se:.1f}" for m, se in diff.values())
