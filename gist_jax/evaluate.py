@@ -259,7 +259,9 @@ def settings_from_config(config: Any) -> dict[str, Any]:
     (defaults: 128 for decoder-only, ``data.max_target_length`` for T5; all conditions).
     """
     e = config.eval
-    encdec = _family_of_run(config).encoder_decoder
+    from gist_jax import model_loading
+
+    encdec = model_loading.family_of_run(config).encoder_decoder
     max_new = e.get("max_new_tokens", None) or (
         config.data.max_target_length if encdec else DEFAULT_MAX_NEW_TOKENS
     )
@@ -272,21 +274,6 @@ def settings_from_config(config: Any) -> dict[str, Any]:
         "max_new_tokens": int(max_new),
         "batch_size": int(e.batch_size),
     }
-
-
-def _family_of_run(config: Any) -> Any:
-    """The model family a training config trains (random init, a checkpoint, or the
-    bundled default model, which is LLaMA-family)."""
-    from gist_jax.models.family import LLAMA, family_named
-
-    init = config.model.get("init", None)
-    if init is not None and init.get("model_type", None):
-        return family_named(init.model_type)
-    if config.model.checkpoint and config.model.checkpoint != "default":
-        from gist_jax.convert import common
-
-        return family_named(common.read_model_config(config.model.checkpoint)["model_type"])
-    return LLAMA
 
 
 def load_splits(

@@ -79,6 +79,18 @@ def _load_tokenizer(spec: str, checkpoint_dir: pathlib.Path | None) -> Any:
     return common.load_tokenizer(checkpoint_dir)
 
 
+def family_of_run(config: ml_collections.ConfigDict) -> Family:
+    """The model family a run config trains, without loading the model or its tokenizer:
+    ``model.init.model_type`` when set, else the checkpoint's, else the bundled default
+    model's (LLaMA-family)."""
+    init = config.model.get("init", None)
+    if init is not None and init.get("model_type", None):
+        return family_named(init.model_type)
+    if config.model.checkpoint and config.model.checkpoint != train_config.DEFAULT_MODEL:
+        return family_named(common.read_model_config(config.model.checkpoint)["model_type"])
+    return family_named("llama")
+
+
 def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
     """Model config (with the run's dtype/scan/remat), family and tokenizer."""
     source = config.model.checkpoint

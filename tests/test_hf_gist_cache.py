@@ -60,7 +60,6 @@ def test_tiny_llama_equals_gist_jax_compressed_decoding(batch_size):
 
 
 def test_cache_holds_only_the_gist_tokens():
-    _, _ = llama_model()
     model = fxl.make_hf_model("gqa_untied_linear_headdim_bias")
     prompts, _ = _split(make_examples(fxl.GIST_ID, []), fxl.GIST_ID)
     cache = hf_gist_cache.compress(model, prompts, fxl.GIST_ID)

@@ -30,7 +30,7 @@ Splits (deterministic from ``seed``), as in version 2:
 
 * ``train``: trained relations and formats with training arguments, single or composed
   (trained pairs only); per relation, one input in ten is never trained on.
-* ``validation_seen``: instructions of the first ``SEEN_POOL`` training examples on their
+* ``validation_seen``: instructions of the first ``suite.SEEN_POOL`` training examples on their
   held-out inputs.
 * ``validation_recombined``: held-out argument values of trained relations, and held-out
   (relation, format) pairs.
