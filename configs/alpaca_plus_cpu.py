@@ -31,6 +31,7 @@ from gist_jax.quickstart import default_config
 
 def get_config() -> ml_collections.ConfigDict:
     c = default_config()
+    c.data.num_gist_tokens = 1  # the recipe the docs cite
     c.data.source = ""  # required: --config.data.source=DIR
     c.data.train_split = "validation_seen"
     c.data.num_train_examples = -1

@@ -1,5 +1,5 @@
 """The quickstart's config (``gist_jax.quickstart.default_config``): fine-tune the bundled
-SmolLM2-135M-Instruct with one gist token on the synthetic suite, plus the paper's two
+SmolLM2-135M-Instruct with two gist tokens on the synthetic suite, plus the paper's two
 control models, then evaluate all three with generation. ``python -m gist_jax.quickstart``
 uses it when no ``--config`` is given; pass it explicitly to override keys::
 

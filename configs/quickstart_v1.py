@@ -16,6 +16,7 @@ from gist_jax.quickstart import default_config
 
 def get_config() -> ml_collections.ConfigDict:
     c = default_config()
+    c.data.num_gist_tokens = 1  # the recipe the docs cite
     c.train.steps = 70
     c.train.batch_size = 8
     c.eval.max_new_tokens = 40  # version 1 answers are at most ~30 tokens

@@ -3,7 +3,7 @@
     python -m gist_jax.quickstart --workdir=workdirs/quickstart [--config=configs/quickstart.py]
 
 It (1) converts the bundled SmolLM2-135M-Instruct once (cached, see
-``gist_jax.convert.default_model``); (2) fine-tunes it with one gist token on the built-in
+``gist_jax.convert.default_model``); (2) fine-tunes it with two gist tokens on the built-in
 synthetic instruction suite, and -- as in the paper, where the two controls are models of
 their own -- fine-tunes a ``pos_control`` model (no masking: the upper bound) and a
 ``neg_control`` model (the instruction is hidden from everything after the gist: the lower
@@ -88,7 +88,9 @@ def default_config() -> ml_collections.ConfigDict:
     # them (docs/results.md section 5). Versions 1 and 2 with the recipes the docs cite:
     # configs/quickstart_v1.py, configs/quickstart_v2.py.
     c.data.source = "synthetic_v3"
-    c.data.num_gist_tokens = 1
+    # Two gist tokens: in the same minutes as one, the never-trained split's gap share rose in
+    # both seeds (paired +6.0 +- 2.0 and +3.1 +- 1.5 ROUGE-L; docs/results.md section 6).
+    c.data.num_gist_tokens = 2
     c.data.condition = "gist"
     c.data.max_length = 96
     c.data.packing = True

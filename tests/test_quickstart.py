@@ -39,6 +39,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     """The quickstart config with configs/tiny_llama.py's model and a few steps."""
     c = quickstart.default_config()
     c.data.source = "synthetic"  # version 1: the tiny tokenizer's test suite
+    c.data.num_gist_tokens = 1
     c.eval.splits = SPLITS
     tiny = _tiny_llama()
     c.model.checkpoint = train_config.RANDOM_INIT
@@ -276,7 +277,7 @@ def test_default_config_is_the_documented_one():
     train_config.validate(c)
     quickstart.check_config(c)
     assert c.model.checkpoint == train_config.DEFAULT_MODEL and c.data.source == "synthetic_v3"
-    assert c.data.num_gist_tokens == 1 and c.quickstart.controls == "trained"
+    assert c.data.num_gist_tokens == 2 and c.quickstart.controls == "trained"
     assert tuple(c.eval.splits) == ("validation_seen", "validation_recombined", "validation_unseen")
     assert c.eval.num_examples >= 200  # the issue's minimum per split
     spec = importlib.util.spec_from_file_location("qs", REPO / "configs" / "quickstart.py")
