@@ -87,15 +87,15 @@ def _row(values: list[int]) -> jax.Array:
 def _cache_with_prefix(
     config: llama.LlamaConfig, k: jax.Array, v: jax.Array, pos: list[int], extra: int
 ) -> KVCache:
-    """A batch-1 cache holding ``k, v [L, 1, n, KVH, D]`` at slots 0..n-1 and ``extra``
-    empty slots after them."""
+    """A batch-1 cache holding ``n`` slots of keys and values (``KVCache``'s layout) at
+    slots 0..n-1 and ``extra`` empty slots after them."""
     n = len(pos)
     empty = KVCache.empty(
         config.num_hidden_layers, 1, n + extra, config.num_key_value_heads, config.head_dim
     )
     return KVCache(
-        k=empty.k.at[:, :, :n].set(k),
-        v=empty.v.at[:, :, :n].set(v),
+        k=empty.k.at[..., :n].set(k),
+        v=empty.v.at[:, :, :, :n].set(v),
         pos=_row(pos + [-1] * extra),
         end=jnp.asarray(n, jnp.int32),
     )
@@ -149,10 +149,11 @@ def run(
         )
         exe, _ = exes.get(args["no_caching"])
         _, full_cache = exe(*args["no_caching"])
+        full_cache = full_cache.stacked()
         instr_cache = _cache_with_prefix(
             cfg,
-            full_cache.k[:, :, :n_instr],
-            full_cache.v[:, :, :n_instr],
+            full_cache.k[..., :n_instr],
+            full_cache.v[:, :, :, :n_instr],
             list(range(n_instr)),
             n_in,
         )

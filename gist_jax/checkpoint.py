@@ -49,7 +49,7 @@ DELETING_DIR = ".deleting"
 MODEL_CONFIG_FILE = "model_config.json"
 # Fields of a model config that may change between runs on the same workdir: they change
 # how the model is run, not its parameters. (scan_layers is not one: it changes the layout.)
-RESUMABLE_RUNTIME_FIELDS = ("dtype", "remat")
+RESUMABLE_RUNTIME_FIELDS = ("dtype", "remat", "attention")
 
 
 class CheckpointError(ValueError):

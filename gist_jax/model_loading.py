@@ -43,7 +43,12 @@ class LoadedModel:
 
 def _runtime_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     m = config.model
-    return {"dtype": m.dtype, "scan_layers": bool(m.scan_layers), "remat": m.remat}
+    return {
+        "dtype": m.dtype,
+        "scan_layers": bool(m.scan_layers),
+        "remat": m.remat,
+        "attention": m.attention,
+    }
 
 
 def _default_model_dir() -> pathlib.Path:

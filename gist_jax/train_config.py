@@ -24,6 +24,7 @@ import math
 import ml_collections
 
 from gist_jax import gist
+from gist_jax.models.attention import IMPLEMENTATIONS
 from gist_jax.train import output_loss
 
 # Model sources besides a directory path.
@@ -58,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
     c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
     c.model.remat = "none"  # "none" | "full" | "dots" (save matmul outputs)
+    # How attention is computed (the same function): "cpu" (a hand-written gradient, tuned
+    # for XLA:CPU) | "reference" (einsums differentiated by JAX); models.attention.
+    c.model.attention = "cpu"
 
     c.data = ml_collections.ConfigDict()
     # "synthetic": the built-in suite (gist_jax.data.synthetic); else a directory or URL
@@ -206,6 +210,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(d.pack_open_rows >= 1, "data.pack_open_rows", "must be >= 1")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", "expected 'float32' or 'bfloat16'")
     need(m.remat in ("none", "full", "dots"), "model.remat", "expected 'none', 'full' or 'dots'")
+    need(m.attention in IMPLEMENTATIONS, "model.attention", f"expected one of {IMPLEMENTATIONS}")
     need(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     if m.checkpoint == RANDOM_INIT:
         need("model_type" in m.init, "model.init", "random init needs model.init.model_type")

@@ -84,7 +84,8 @@ def t5_run() -> dict:
 
 def test_llama_gist_cache_contents(llama_run):
     cache = llama_run["cache"]
-    assert cache.k.shape == (2, len(SPECS), K, 1, 16)  # [layers, B, k, KVH, head_dim]
+    assert cache.k.shape == (2, len(SPECS), 1, 16, K)  # [layers, B, KVH, head_dim, k]
+    assert cache.v.shape == (2, len(SPECS), 1, K, 16)
     np.testing.assert_array_equal(np.asarray(cache.positions), [[p, p + 1] for p, _ in SPECS])
     # Row i of the cache is the i-th distinct prompt, whatever batch it was computed in.
     alone = gist_cache.compress(*llama_model(), [llama_run["split"].prompts[3]], batch_size=BATCH)
@@ -131,7 +132,7 @@ def test_generated_tokens_and_logits_equal_full_sequence(family, request):
 
 def test_t5_gist_cache_contents(t5_run):
     cache = t5_run["cache"]
-    assert cache.k.shape == (2, len(SPECS), K, 4, 8) and cache.hidden.shape == (len(SPECS), K, 32)
+    assert cache.k.shape == (2, len(SPECS), 4, 8, K) and cache.hidden.shape == (len(SPECS), K, 32)
     np.testing.assert_array_equal(np.asarray(cache.positions), [[p, p + 1] for p, _ in SPECS])
 
 

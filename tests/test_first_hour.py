@@ -72,6 +72,11 @@ _MISTAKES = {
         ],
         "unknown config key 'no_such_key'",
     ),
+    "gist-quickstart override without config": (
+        "gist_jax.quickstart",
+        ["--workdir={tmp}/w", "--config.train.seed=1"],
+        "--config.train.seed=1 overrides a key of a config file: name the file first",
+    ),
     "gist-eval missing checkpoint dir": (
         "gist_jax.evaluate",
         [

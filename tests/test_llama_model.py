@@ -16,7 +16,7 @@ import pytest
 from gist_jax import gist
 from gist_jax.convert import llama as convert_llama
 from gist_jax.models import llama
-from gist_jax.models.attention import KVCache, dot_product_attention, heads_major_attention
+from gist_jax.models.attention import KVCache
 from gist_jax.models.family import LLAMA, config_from_dict
 
 CONFIG_NAMES = list(fx.TINY_CONFIGS)
@@ -143,9 +143,9 @@ def test_scan_and_remat_match_unrolled(models, batch, scan, remat):
 
 @pytest.mark.parametrize("form", ["stacked", "scan", "per_layer"])
 def test_kv_cache_prefill_and_decode_match_full_forward(models, batch, form):
-    """Prefill + one token at a time equals the full forward with each cache form: the
-    stacked cache (unrolled layers), its slices under nn.scan, and the per-layer decode
-    layout (``KVCache.per_layer``, read by ``attention.heads_major_attention``)."""
+    """Prefill + one token at a time equals the full forward with each cache form: a
+    stacked cache passed to unrolled layers (which carry it on per layer), its slices under
+    nn.scan, and one buffer per layer from the start (``KVCache.per_layer``)."""
     scan = form == "scan"
     _, config, params = models["gqa_untied_linear_headdim_bias"]
     config = dataclasses.replace(config, scan_layers=scan)
@@ -175,68 +175,13 @@ def test_kv_cache_prefill_and_decode_match_full_forward(models, batch, form):
     diff = np.abs(stepped[valid] - np.asarray(full)[valid]).max()
     print(f"{form}: max |cached - full| = {diff:.2e}")
     assert diff < 1e-5
-    assert cache.is_per_layer == (form == "per_layer")
+    assert cache.is_per_layer == (not scan)
     cache = cache.stacked()
     assert int(cache.end) == length
     np.testing.assert_array_equal(np.asarray(cache.pos), positions)
-    assert cache.k.shape == (
-        config.num_hidden_layers,
-        batch_size,
-        length,
-        config.num_key_value_heads,
-        config.head_dim,
-    )
-
-
-def test_per_layer_cache_layout_round_trips():
-    rng = np.random.default_rng(0)
-    k, v = (jnp.asarray(rng.standard_normal((3, 2, 5, 2, 4)), jnp.float32) for _ in range(2))
-    cache = KVCache(k=k, v=v, pos=jnp.zeros((2, 5), jnp.int32), end=jnp.asarray(5))
-    split = cache.per_layer()
-    assert split.is_per_layer and len(split.k) == 3
-    assert split.k[0].shape == (2, 2, 4, 5) and split.v[0].shape == (2, 2, 5, 4)
-    np.testing.assert_array_equal(np.asarray(split.k[1]), np.asarray(k[1]).transpose(0, 2, 3, 1))
-    back = split.stacked()
-    np.testing.assert_array_equal(np.asarray(back.k), np.asarray(k))
-    np.testing.assert_array_equal(np.asarray(back.v), np.asarray(v))
-    assert split.per_layer() is split and cache.stacked() is cache
-
-
-@pytest.mark.parametrize("q_len", [1, 3])
-def test_heads_major_attention_matches_dot_product_attention(q_len):
-    """The heads-major attention (keys [B, KVH, D, S], values [B, KVH, S, D]) gives the
-    same output and gradients as the reference layout, grouped-query heads, with a mask
-    that hides a different set of slots per row and fully masks one query row."""
-    rng = np.random.default_rng(1)
-    batch, slots, heads, kv_heads, dim = 2, 7, 6, 2, 4
-    q = jnp.asarray(rng.standard_normal((batch, q_len, heads, dim)), jnp.float32)
-    k, v = (
-        jnp.asarray(rng.standard_normal((batch, slots, kv_heads, dim)), jnp.float32)
-        for _ in range(2)
-    )
-    mask = rng.random((batch, 1, q_len, slots)) > 0.4
-    mask[1, 0, 0] = False
-    mask = jnp.asarray(mask)
-    want = dot_product_attention(q, k, v, mask)
-    got = heads_major_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
-
-    # Its hand-written gradient against autodiff of the reference, for all three inputs.
-    weights = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
-
-    def reference(q, k, v):
-        return jnp.sum(dot_product_attention(q, k, v, mask) * weights)
-
-    def heads_major(q, k, v):
-        out = heads_major_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
-        return jnp.sum(out * weights)
-
-    for a, b in zip(
-        jax.grad(reference, argnums=(0, 1, 2))(q, k, v),
-        jax.grad(heads_major, argnums=(0, 1, 2))(q, k, v),
-        strict=True,
-    ):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+    layers, kv_heads, dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    assert cache.k.shape == (layers, batch_size, kv_heads, dim, length)
+    assert cache.v.shape == (layers, batch_size, kv_heads, length, dim)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(models, batch):

@@ -215,7 +215,7 @@ def test_cached_decoding_matches_teacher_forcing(scan_layers):
     cross = gist.cross_mask(pos, first, last)
     total = tgt["ids"].shape[1]
     cache = jitted(config, "init_cache", max_length=total + 3)(params, enc)
-    assert cache.self_kv.k.shape == (config.num_decoder_layers, 4, total + 3, 4, 8)
+    assert cache.self_kv.k.shape == (config.num_decoder_layers, 4, 4, 8, total + 3)
     none = _no_span(4)
     step = jitted(config, "decode")
     got = []
@@ -279,7 +279,7 @@ def test_gist_compression_is_exact(variant, scan_layers):
     cache = jitted(config, "compress", num_gist=fx.NUM_GIST)(
         params, prompt["ids"], ppos, gist.encoder_self_mask(ppos, ppos, first, last), first, last
     )
-    assert cache.kv.k.shape == (config.num_layers, 4, fx.NUM_GIST, 4, 8)
+    assert cache.kv.k.shape == (config.num_layers, 4, 4, 8, fx.NUM_GIST)
     np.testing.assert_array_equal(np.asarray(cache.positions), [[5, 6], [1, 2], [10, 11], [3, -1]])
     for b in range(4):
         for j, p in enumerate(np.asarray(cache.positions)[b]):

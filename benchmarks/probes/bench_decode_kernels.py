@@ -1,9 +1,8 @@
 """Time the two kinds of work in one SmolLM2 decode step at batch 16, in isolation:
 
-1. attention of one new token over a 127-slot KV cache in 30 layers, with the cache as the
-   stacked ``[layers, B, slots, kv_heads, head_dim]`` array (``dot_product_attention`` on
-   each layer's slice, how decoding read it before) and as one buffer per layer in the
-   decode layout (``KVCache.per_layer`` + ``heads_major_attention``, how it reads it now);
+1. attention of one new token over a 127-slot KV cache in 30 layers, with the cache as
+   one stacked array per keys and values (each layer reads its slice) and as one buffer
+   per layer (``KVCache.per_layer``, how unrolled decoding carries it);
 2. the SwiGLU MLP's three products in 30 layers with 16 rows (weights not in cache: 318
    MB in all), in JAX and in PyTorch (``F.linear``, transformers' layout);
 3. with ``--sweep``: XLA's float32 throughput for one [576, 1536] weight per layer (30
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from gist_jax.models.attention import KVCache, dot_product_attention, heads_major_attention
+from gist_jax.models.attention import KVCache, attention
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, DIM, HIDDEN = 30, 9, 3, 64, 576, 1536
 
@@ -45,9 +44,10 @@ def median_ms(fn: Callable[..., Any], *args: Any, calls: int = 20) -> float:
     return 1e3 * statistics.median(times)
 
 
-def attention(rows: int, slots: int, rng: np.random.Generator) -> dict[str, float]:
-    shape = (LAYERS, rows, slots, KV_HEADS, HEAD_DIM)
-    k, v = (jnp.asarray(rng.normal(size=shape).astype(np.float32)) for _ in range(2))
+def attention_reads(rows: int, slots: int, rng: np.random.Generator) -> dict[str, float]:
+    shape = (LAYERS, rows, KV_HEADS, HEAD_DIM, slots)
+    k = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    v = jnp.asarray(rng.normal(size=shape).astype(np.float32)).swapaxes(3, 4)
     cache = KVCache(k=k, v=v, pos=jnp.zeros((rows, slots), jnp.int32), end=jnp.asarray(0))
     split = jax.jit(KVCache.per_layer)(cache)
     q = jnp.asarray(rng.normal(size=(rows, 1, HEADS, HEAD_DIM)).astype(np.float32))
@@ -55,17 +55,19 @@ def attention(rows: int, slots: int, rng: np.random.Generator) -> dict[str, floa
 
     @jax.jit
     def stacked(q: jax.Array, k: jax.Array, v: jax.Array) -> list[jax.Array]:
-        return [dot_product_attention(q, k[i], v[i], mask) for i in range(LAYERS)]
+        return [attention(q, k[i], v[i], mask) for i in range(LAYERS)]
 
     @jax.jit
     def per_layer(q: jax.Array, ks: tuple, vs: tuple) -> list[jax.Array]:
-        return [heads_major_attention(q, kt, vv, mask) for kt, vv in zip(ks, vs, strict=True)]
+        return [attention(q, kt, vv, mask) for kt, vv in zip(ks, vs, strict=True)]
 
     want, got = stacked(q, k, v), per_layer(q, split.k, split.v)
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(want, got, strict=True))
     return {
-        "attention, stacked cache (before)": median_ms(stacked, q, k, v),
-        "attention, per-layer decode layout (now)": median_ms(per_layer, q, split.k, split.v),
+        "attention, stacked cache": median_ms(stacked, q, k, v),
+        "attention, one buffer per layer (KVCache.per_layer)": median_ms(
+            per_layer, q, split.k, split.v
+        ),
         "max |difference|": diff,
     }
 
@@ -141,7 +143,7 @@ def main() -> None:
         print("  rows  W[in,out]  W[out,in]")
         for rows, a, b in row_sweep([int(r) for r in args.sweep.split(",")], rng):
             print(f"  {rows:4d}  {a:9.1f}  {b:9.1f}")
-    results = {**attention(args.rows, args.slots, rng), **mlp(args.rows, rng)}
+    results = {**attention_reads(args.rows, args.slots, rng), **mlp(args.rows, rng)}
     flops = 2 * args.rows * LAYERS * 3 * DIM * HIDDEN
     print(f"batch {args.rows}, {args.slots} cache slots, {LAYERS} layers (ms per decode step)")
     for name, value in results.items():

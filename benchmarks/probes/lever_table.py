@@ -7,7 +7,9 @@ and optionally the plot of the held-out gap share against training minutes.
         --row="lm, k = 1|lm|5.0|G1.jsonl" --row="distill, k = 1|distill|6.6|G2.jsonl" \\
         [--plot=out.png] [--json=out.json]
 
-A row is ``label|series|minutes|gist predictions[|controls]``; ``series`` groups the plot's
+``--splits`` names other splits than suite v3's three (Alpaca+: validation_unseen,
+validation_human; the plot needs validation_unseen). A row is
+``label|series|minutes|gist predictions[|controls]``; ``series`` groups the plot's
 lines; a row's own controls (another seed's) replace ``--controls`` for it.
 With ``--baseline=G.jsonl`` each row also gets its paired ROUGE-L difference to that gist
 model on the same examples (mean +- standard error), per split: the sensitive comparison
@@ -30,12 +32,14 @@ def _rows(path: str, condition: str) -> list[dict]:
         return [r for r in map(json.loads, f) if r["condition"] == condition]
 
 
-def score_row(controls: str, gist_path: str) -> dict[str, dict[str, float]]:
+def score_row(
+    controls: str, gist_path: str, splits: tuple[str, ...] = SPLITS
+) -> dict[str, dict[str, float]]:
     """Per split: the gist model's mean ROUGE-L and EM, and its gap share with the interval."""
     preds = _rows(controls, "pos_control") + _rows(controls, "neg_control")
     preds += _rows(gist_path, "gist")
     out = {}
-    for split in SPLITS:
+    for split in splits:
         rouge = gap.example_scores(preds, split, "rougeL")
         exact = gap.example_scores(preds, split, "exact_match")
         interval = gap.paired_interval(rouge)
@@ -49,7 +53,9 @@ def score_row(controls: str, gist_path: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def paired_difference(baseline: str, gist_path: str) -> dict[str, tuple[float, float]]:
+def paired_difference(
+    baseline: str, gist_path: str, splits: tuple[str, ...] = SPLITS
+) -> dict[str, tuple[float, float]]:
     """Per split: mean and standard error of the per-example ROUGE-L difference of two gist
     models, matched by (instruction, input)."""
     from gist_jax import metrics
@@ -66,7 +72,7 @@ def paired_difference(baseline: str, gist_path: str) -> dict[str, tuple[float, f
 
     a, b = scores(baseline), scores(gist_path)
     out = {}
-    for split in SPLITS:
+    for split in splits:
         diffs = [b[k] - a[k] for k in a if k[0] == split and k in b]
         mean = sum(diffs) / len(diffs)
         var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
@@ -119,15 +125,17 @@ def main() -> None:
     parser.add_argument("--baseline", help="a gist predictions.jsonl to pair every row with")
     parser.add_argument("--plot", help="write the gap-share plot here")
     parser.add_argument("--json", help="write the scores here")
+    parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits")
     args = parser.parse_args()
+    splits = tuple(args.splits.split(","))
     rows = []
     for spec in args.row:
         label, series, minutes, path, *own = spec.split("|")
-        scores = score_row(own[0] if own else args.controls, path)
+        scores = score_row(own[0] if own else args.controls, path, splits)
         rows.append(dict(label=label, series=series, minutes=float(minutes), scores=scores))
-        cells = " | ".join(_cell(scores[s]) for s in SPLITS)
+        cells = " | ".join(_cell(scores[s]) for s in splits)
         if args.baseline and not own:
-            diff = paired_difference(args.baseline, path)
+            diff = paired_difference(args.baseline, path, splits)
             rows[-1]["paired_vs_baseline"] = diff
             cells += " | " + " | ".join(f"{m:+.1f} +- {se:.1f}" for m, se in diff.values())
         print(f"| {label} | {float(minutes):.1f} | {cells} |")

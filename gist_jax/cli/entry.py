@@ -5,7 +5,7 @@ A user's mistake is what the library raises as a ``ValueError`` (its own errors,
 ``ConfigError``, ``ConversionError``, ``CheckpointError``, ``GistCacheError``, all are) or
 an ``OSError`` about a path (a missing directory, an existing output, no permission), and
 an unknown key in a ``--config.a.b=...`` override, which ml_collections reports while the
-flags are parsed. ``GIST_JAX_TRACEBACK=1`` shows the traceback instead.
+flags are parsed, or such an override without ``--config``. ``GIST_JAX_TRACEBACK=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -29,10 +29,26 @@ def _config_key_error(err: BaseException) -> str | None:
     return f"unknown config key {key!r} in {overrides[0]} (every key: gist_jax/train_config.py)"
 
 
+def _override_without_config(argv: Sequence[str]) -> str | None:
+    """The message for ``--config.KEY=VALUE`` given without ``--config``, which absl would
+    report as an unknown flag."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+    if not overrides or has_config:
+        return None
+    return (
+        f"{overrides[0]} overrides a key of a config file: name the file first, e.g. "
+        "--config=configs/quickstart.py (the quickstart's default) or configs/default.py"
+    )
+
+
 def run_app(main: Callable[[Sequence[str]], None], program: str) -> None:
     """``app.run(main)`` for the console script ``program`` (``gist-train``, ...)."""
     from absl import app
 
+    message = _override_without_config(sys.argv[1:])
+    if message is not None:
+        sys.exit(f"{program}: error: {message}")
     try:
         app.run(main)
     except (ValueError, OSError, AttributeError, KeyError) as err:

@@ -16,6 +16,8 @@ from typing import Any
 
 INPUT_TRIES = 200  # inputs tried for one instruction before another is drawn
 SPLITS: tuple[str, ...] = ("train", "validation_seen", "validation_recombined", "validation_unseen")
+# Examples per split when a caller does not say (versions 2 and 3).
+DEFAULT_SIZES: dict[str, int] = {"train": 20000} | {split: 400 for split in SPLITS[1:]}
 SEEN_POOL = 2000  # validation_seen reuses instructions of the first this-many train examples
 
 HELD_OUT_ARG_BUCKETS = 4  # about one argument setting in four is kept for recombined

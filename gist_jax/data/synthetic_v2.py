@@ -62,12 +62,7 @@ from gist_jax.data.synthetic import WORDS
 
 SOURCE = "synthetic_v2"
 SPLITS = suite.SPLITS
-DEFAULT_SIZES: dict[str, int] = {
-    "train": 20000,
-    "validation_seen": 400,
-    "validation_recombined": 400,
-    "validation_unseen": 400,
-}
+DEFAULT_SIZES = suite.DEFAULT_SIZES
 COMPOSED_SHARE = 0.35  # share of train / recombined examples that compose two operations
 HELD_OUT_INPUT_BUCKETS = 10  # one input in ten (stable hash) is never trained on
 

@@ -52,22 +52,7 @@ from babel import Locale
 from num2words import num2words
 
 from gist_jax.data import suite
-from gist_jax.data.suite import (
-    BRACKETS,
-    CONNECTIVES,
-    FORMAT_CLAUSES,
-    PREFIXES,
-    Invalid,
-    Op,
-    Slots,
-    Suite,
-    arg_partitions,
-    bucket,
-    expand,
-    held_out_args,  # noqa: F401 (part of this suite's interface, as in version 2)
-    held_out_pair,
-    sample_slots,
-)
+from gist_jax.data.suite import Invalid, Op, Slots, held_out_pair
 from gist_jax.data.synthetic import WORDS
 from gist_jax.data.synthetic_v3_facts import (
     ADJECTIVES,
@@ -94,12 +79,7 @@ from gist_jax.data.synthetic_v3_facts import (
 
 SOURCE = "synthetic_v3"
 SPLITS = suite.SPLITS
-DEFAULT_SIZES: dict[str, int] = {
-    "train": 20000,
-    "validation_seen": 400,
-    "validation_recombined": 400,
-    "validation_unseen": 400,
-}
+DEFAULT_SIZES = suite.DEFAULT_SIZES
 COMPOSED_SHARE = 0.3
 HELD_OUT_INPUT_BUCKETS = 10
 # Held-out argument settings and (relation, format) pairs use version 2's buckets
@@ -174,7 +154,7 @@ def _extra_word(rng: random.Random) -> Slots:
 
 
 def _bracket(rng: random.Random) -> Slots:
-    left, right, name = rng.choice(BRACKETS)
+    left, right, name = rng.choice(suite.BRACKETS)
     return {"left": left, "right": right, "bracket_name": name}
 
 
@@ -398,7 +378,7 @@ _INPUTS: dict[str, tuple[str, ...]] = {
 def held_out_input(op_name: str, text: str) -> bool:
     """Whether ``text`` is one of the inputs never trained on with ``op_name`` (one in ten,
     chosen per relation so every input is trained on with some relation)."""
-    return bucket(f"{op_name}|{text}", HELD_OUT_INPUT_BUCKETS) == 0
+    return suite.bucket(f"{op_name}|{text}", HELD_OUT_INPUT_BUCKETS) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,14 +409,14 @@ def _phrase(op: Op, slots: Slots, noun: str, rng: random.Random, imperative: boo
 def _sentence(body: str, rng: random.Random) -> str:
     """Version 2's surface (prefix, capital, answer-format clause), and questions kept as
     questions: no "Please" in front and no full stop after the question mark."""
-    body = expand(body, rng)
+    body = suite.expand(body, rng)
     question = body.endswith("?")
-    prefix = rng.choice(PREFIXES)
+    prefix = rng.choice(suite.PREFIXES)
     if question and prefix == "Please ":
         prefix = ""
     if not prefix or prefix.endswith(": "):
         body = body[0].upper() + body[1:]
-    return f"{prefix}{body}{'' if question else '.'}{rng.choice(FORMAT_CLAUSES)}"
+    return f"{prefix}{body}{'' if question else '.'}{rng.choice(suite.FORMAT_CLAUSES)}"
 
 
 def _kind_for(op: Op, rng: random.Random) -> str:
@@ -446,21 +426,21 @@ def _kind_for(op: Op, rng: random.Random) -> str:
 def _single(name: str, rng: random.Random, held_out_arg: bool | None) -> Spec:
     op = OPS[name]
     kind = _kind_for(op, rng)
-    slots = sample_slots(op, rng, held_out_arg)
+    slots = suite.sample_slots(op, rng, held_out_arg)
     text = _sentence(_phrase(op, slots, _NOUN[kind], rng), rng)
     return Spec((name,), (slots,), text, kind)
 
 
 def _composed(pair: tuple[str, str], rng: random.Random, held_out_arg: bool | None) -> Spec:
     first, second = (OPS[name] for name in pair)
-    slots = tuple(sample_slots(op, rng, held_out_arg) for op in (first, second))
+    slots = tuple(suite.sample_slots(op, rng, held_out_arg) for op in (first, second))
     a = _phrase(first, slots[0], _NOUN[first.kind], rng, imperative=True)
     b = _phrase(second, slots[1], _RESULT, rng, imperative=True)
-    text = _sentence(rng.choice(CONNECTIVES).format(a=a, b=b), rng)
+    text = _sentence(rng.choice(suite.CONNECTIVES).format(a=a, b=b), rng)
     return Spec(pair, slots, text, first.kind)
 
 
-HELD_OUT_ARG_OPS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if all(arg_partitions(OPS[n])))
+HELD_OUT_ARG_OPS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if all(suite.arg_partitions(OPS[n])))
 
 
 def _draw_input(spec: Spec, rng: random.Random) -> tuple[str, str]:
@@ -468,7 +448,7 @@ def _draw_input(spec: Spec, rng: random.Random) -> tuple[str, str]:
     return text, text
 
 
-SUITE = Suite(
+SUITE = suite.Suite(
     name=SOURCE,
     train_ops=TRAIN_OPS,
     unseen_ops=UNSEEN_OPS,

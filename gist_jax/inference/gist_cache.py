@@ -52,7 +52,8 @@ class GistCache:
     """Compressed prompts: the k gist tokens of each of B prompts.
 
     Attributes:
-      k, v: per-layer keys/values of the gist tokens, ``[layers, B, k, KVH, D]`` (LLaMA:
+      k, v: per-layer keys/values of the gist tokens in ``attention.KVCache``'s layout,
+        keys ``[layers, B, KVH, D, k]`` and values ``[layers, B, KVH, k, D]`` (LLaMA:
         decoder self-attention, keys rotated at their absolute positions; T5: encoder
         self-attention, ``KVH`` = heads).
       positions: ``int32[B, k]`` absolute positions of the gist tokens in the uncompressed
@@ -215,12 +216,12 @@ def _llama_compress(
             positions, cache.positions_after_append(positions), first, last, "gist"
         )
         _, cache = model.apply({"params": params}, input_ids, positions, mask, cache)
+        cache = cache.stacked()
         # Prompts are right padded from position 0, so slot index == position.
         slots = first[:, None] + jnp.arange(num_gist, dtype=jnp.int32)[None, :]
-        index = slots[None, :, :, None, None]
         return GistCache(
-            k=jnp.take_along_axis(cache.k, index, axis=2),
-            v=jnp.take_along_axis(cache.v, index, axis=2),
+            k=jnp.take_along_axis(cache.k, slots[None, :, None, None, :], axis=4),
+            v=jnp.take_along_axis(cache.v, slots[None, :, None, :, None], axis=3),
             positions=slots,
             hidden=None,
             model_type=config.model_type,

@@ -15,9 +15,8 @@ and the mask is simply ``gist.decoder_self_mask`` of query positions against slo
 positions. The same layout serves the gist cache: the ``k`` gist slots of each example
 sit at slots ``0..k-1`` with whatever absolute positions that example's gists had, and
 the input tokens continue at ``last + 1, ...`` -- different per example, same code.
-Inside the jitted call an unrolled LLaMA carries the cache as one buffer per layer in the
-layout its attention products read in place (``KVCache.per_layer``); the stacked form is
-what compression produces and what a prefix arrives in.
+Inside the jitted call an unrolled LLaMA carries the cache as one buffer per layer, which
+its attention reads in place (``KVCache.per_layer``); a prefix arrives stacked.
 
 ``max_new_tokens``, the condition and the sampling settings are static (``DecodeOptions``),
 so each program compiles once per (prompt bucket, options). ``TRACE_COUNTS`` counts the
@@ -266,9 +265,6 @@ def _llama_generate(
                 ),
                 end=jnp.asarray(n_prefix, jnp.int32),
             )
-
-        if not config.scan_layers:
-            cache = cache.per_layer()  # read in place by each layer (KVCache.per_layer)
 
         def forward(
             ids: jax.Array, pos: jax.Array, cache: KVCache, logits_at: jax.Array | None = None

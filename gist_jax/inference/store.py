@@ -50,11 +50,11 @@ from gist_jax.inference import gist_cache
 from gist_jax.inference.gist_cache import GistCache
 from gist_jax.models.family import config_from_dict, family_named, family_of
 
-FORMAT = "gist_jax.inference.store/1"
+FORMAT = "gist_jax.inference.store/2"  # 2: caches in attention.KVCache's layout
 STORE_FILE = "store.json"
 PROMPTS_DIR = "prompts"
 # Config fields that change how a model runs, not what it computes.
-NON_NUMERIC_FIELDS = ("scan_layers", "remat")
+NON_NUMERIC_FIELDS = ("scan_layers", "remat", "attention")
 
 
 class StoreError(ValueError):

@@ -19,17 +19,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gist_jax.models.attention import IMPLEMENTATIONS
+
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuntimeFields:
+    """The fields of a family config that say how the model runs here, not what network it
+    is: stored in model_config.json (the params layout follows ``scan_layers``), never
+    written to HF, and free to differ between a teacher and its student."""
+
+    dtype: str = "float32"  # compute dtype (DTYPES); params stay float32
+    scan_layers: bool = False  # nn.scan over layers
+    remat: str = "none"  # REMAT_POLICIES
+    attention: str = "cpu"  # attention.IMPLEMENTATIONS
+
+
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(RuntimeFields))
+
+
 class ConfigMethods:
     """Mixed into each family's frozen dataclass config, which has the family tag
-    ``model_type`` (its class default) and the runtime fields ``dtype`` and ``remat``."""
+    ``model_type`` (its class default) and the ``RUNTIME_FIELDS``."""
 
     model_type: str
     dtype: str
     remat: str
+    attention: str
 
     def check_common_fields(self) -> None:
         if self.model_type != type(self).model_type:
@@ -38,6 +56,8 @@ class ConfigMethods:
             raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention {self.attention!r} is not one of {IMPLEMENTATIONS}")
 
     @property
     def compute_dtype(self) -> jnp.dtype:

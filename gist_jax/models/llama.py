@@ -50,20 +50,17 @@ from gist_jax.models.attention import (
     HeadMerge,
     HeadProjection,
     KVCache,
-    heads_major_attention,
+    attention,
+    heads_major,
     write_layer_cache,
-    write_per_layer_cache,
-    write_stacked_cache,
 )
-from gist_jax.models.layers import ConfigMethods, RMSNorm, Unembed, remat
+from gist_jax.models.layers import ConfigMethods, RMSNorm, RuntimeFields, Unembed, remat
 
 ROPE_TYPES = ("default", "linear", "llama3")
+Rope = tuple[jax.Array, jax.Array]  # cos and sin tables of the positions (rope_tables)
+LayerKV = tuple[jax.Array, jax.Array] | None  # one layer's cache buffers (KVCache's layout)
 # The Hugging Face architectures that are this model with other flags (gist_jax.convert.llama).
 ARCHITECTURES = ("llama", "qwen2", "mistral")
-
-# Fields that describe how the model runs here, not the network itself: they are stored in
-# model_config.json (the params layout follows scan_layers) but never written to HF.
-RUNTIME_FIELDS = ("dtype", "scan_layers", "remat")
 
 
 def _as_token_ids(value: Any) -> int | tuple[int, ...] | None:
@@ -73,7 +70,7 @@ def _as_token_ids(value: Any) -> int | tuple[int, ...] | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig(ConfigMethods):
+class LlamaConfig(ConfigMethods, RuntimeFields):
     """Hyper-parameters of a LLaMA-family model (hashable: Flax modules hold it).
 
     The rope scaling parameters are flat fields rather than a dict so the config stays
@@ -109,10 +106,6 @@ class LlamaConfig(ConfigMethods):
     pad_token_id: int | tuple[int, ...] | None = None
     gist_token_id: int | None = None
     model_type: str = "llama"
-    # Runtime-only fields (see RUNTIME_FIELDS).
-    dtype: str = "float32"
-    scan_layers: bool = False
-    remat: str = "none"
 
     def __post_init__(self) -> None:
         self.check_common_fields()
@@ -223,25 +216,15 @@ def _zeros(axes: tuple[str, ...]) -> Any:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE and an optional cache: a per-layer slice
-    ``[B, S, KVH, D]`` (``cache_layer`` None, as under ``nn.scan``), the whole stacked
-    ``[layers, B, S, KVH, D]`` cache of which this is layer ``cache_layer`` (unrolled
-    layers; see ``attention.write_stacked_cache`` for why), or, with ``per_layer_cache``,
-    this layer's own buffers in the decode layout of ``KVCache.per_layer``."""
+    """Grouped-query self-attention with RoPE and optionally this layer's cache buffers
+    ``kv`` (``KVCache``'s layout), which it writes at ``end`` and attends over."""
 
     config: LlamaConfig
-    cache_layer: int | None = None
-    per_layer_cache: bool = False
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array,
-        rope: tuple[jax.Array, jax.Array],
-        mask: jax.Array,
-        kv: tuple[jax.Array, jax.Array] | None,
-        end: jax.Array | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        self, x: jax.Array, rope: Rope, mask: jax.Array, kv: LayerKV, end: jax.Array | None
+    ) -> tuple[jax.Array, LayerKV]:
         cfg = self.config
         dtype = cfg.compute_dtype
 
@@ -266,25 +249,14 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
-        # Every cache form ends in the heads-major layout that `heads_major_attention`
-        # reads (keys [B, KVH, D, S], values [B, KVH, S, D]); only the per-layer decode
-        # cache is stored that way, the others are transposed here.
+        keys_t, values = heads_major(k, v)
         new_kv = None
-        if kv is None:
-            keys_t, values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
-        elif self.per_layer_cache:
-            new_kv = write_per_layer_cache(kv[0], kv[1], end, k, v)
-            keys_t, values = new_kv
-        else:
-            if self.cache_layer is None:
-                new_kv = write_layer_cache(kv[0], kv[1], end, k, v)
-                cache_k, cache_v = new_kv
-            else:
-                new_kv = write_stacked_cache(kv[0], kv[1], self.cache_layer, end, k, v)
-                cache_k, cache_v = new_kv[0][self.cache_layer], new_kv[1][self.cache_layer]
-            keys_t, values = cache_k.transpose(0, 2, 3, 1), cache_v.transpose(0, 2, 1, 3)
+        if kv is not None:
+            new_kv = keys_t, values = write_layer_cache(kv[0], kv[1], end, keys_t, values)
         _check_window(cfg, keys_t.shape[-1])
-        out = heads_major_attention(q, keys_t.astype(dtype), values.astype(dtype), mask)
+        out = attention(
+            q, keys_t.astype(dtype), values.astype(dtype), mask, implementation=cfg.attention
+        )
         out = HeadMerge(
             features=cfg.hidden_size,
             kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
@@ -339,28 +311,17 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block. Signature fits ``nn.scan``: the hidden state is the carry,
-    the per-layer cache slice is the scanned input/output. Unrolled, ``cache_layer`` says
-    which layer of the whole stacked cache ``kv`` is this one's, or ``per_layer_cache``
-    says ``kv`` is this layer's own pair of buffers (see ``Attention``)."""
+    the layer's cache buffers are the scanned input/output."""
 
     config: LlamaConfig
-    cache_layer: int | None = None
-    per_layer_cache: bool = False
 
     @nn.compact
     def __call__(
-        self,
-        hidden: jax.Array,
-        rope: tuple[jax.Array, jax.Array],
-        mask: jax.Array,
-        kv: tuple[jax.Array, jax.Array] | None,
-        end: jax.Array | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        self, hidden: jax.Array, rope: Rope, mask: jax.Array, kv: LayerKV, end: jax.Array | None
+    ) -> tuple[jax.Array, LayerKV]:
         cfg = self.config
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(hidden)
-        attn, new_kv = Attention(cfg, self.cache_layer, self.per_layer_cache, name="self_attn")(
-            x, rope, mask, kv, end
-        )
+        attn, new_kv = Attention(cfg, name="self_attn")(x, rope, mask, kv, end)
         hidden = hidden + attn
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(hidden)
         hidden = hidden + MLP(cfg, name="mlp")(x)
@@ -412,21 +373,18 @@ class LlamaForCausalLM(nn.Module):
             )
             kv = None if cache is None else (cache.k, cache.v)
             hidden, new_kv = scanned(cfg, name="layers")(hidden, rope, mask, kv, end)
-        elif cache is not None and cache.is_per_layer:
+        else:
             # One buffer per layer (KVCache.per_layer): each layer writes and reads its own.
+            if cache is not None:
+                cache = cache.per_layer()
             new_k, new_v = [], []
             for i in range(cfg.num_hidden_layers):
-                layer = layer_cls(cfg, per_layer_cache=True, name=f"layers_{i}")
-                hidden, (k_i, v_i) = layer(hidden, rope, mask, (cache.k[i], cache.v[i]), end)
-                new_k.append(k_i)
-                new_v.append(v_i)
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                hidden, kv = layer_cls(cfg, name=f"layers_{i}")(hidden, rope, mask, kv, end)
+                if kv is not None:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
             new_kv = (tuple(new_k), tuple(new_v))
-        else:
-            # Each layer writes its new keys/values into the stacked cache itself.
-            new_kv = None if cache is None else (cache.k, cache.v)
-            for i in range(cfg.num_hidden_layers):
-                layer = layer_cls(cfg, cache_layer=i, name=f"layers_{i}")
-                hidden, new_kv = layer(hidden, rope, mask, new_kv, end)
 
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None].astype(jnp.int32), axis=1)

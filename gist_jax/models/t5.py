@@ -56,10 +56,8 @@ import jax
 import jax.numpy as jnp
 
 from gist_jax.models import layers
-from gist_jax.models.attention import (
-    KVCache,
-)
-from gist_jax.models.layers import ConfigMethods, Unembed
+from gist_jax.models.attention import KVCache, heads_major, slot_major
+from gist_jax.models.layers import ConfigMethods, RuntimeFields, Unembed
 from gist_jax.models.t5_layers import (
     ACTIVATIONS,
     Decoder,
@@ -68,10 +66,6 @@ from gist_jax.models.t5_layers import (
     T5GistCache,
     normal_init,
 )
-
-# Fields that describe how the model runs here, not the network: stored in
-# model_config.json (the params layout follows scan_layers) but never written to HF.
-RUNTIME_FIELDS = ("dtype", "scan_layers", "remat")
 
 
 def activation_of(feed_forward_proj: str) -> tuple[bool, str]:
@@ -85,7 +79,7 @@ def activation_of(feed_forward_proj: str) -> tuple[bool, str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config(ConfigMethods):
+class T5Config(ConfigMethods, RuntimeFields):
     """Hyper-parameters of a T5-family model (hashable: Flax modules hold it).
 
     ``tie_word_embeddings`` selects the v1.0 output layer: logits are the decoder output
@@ -113,10 +107,6 @@ class T5Config(ConfigMethods):
     decoder_start_token_id: int = 0
     gist_token_id: int | None = None
     model_type: str = "t5"
-    # Runtime-only fields (see RUNTIME_FIELDS).
-    dtype: str = "float32"
-    scan_layers: bool = False
-    remat: str = "none"
 
     def __post_init__(self) -> None:
         self.check_common_fields()
@@ -219,8 +209,10 @@ class T5ForConditionalGeneration(nn.Module):
         index = jnp.argmax(match, axis=-1)
         keep = valid[..., None]
         gist_hidden = jnp.where(keep, _gather_rows(hidden, index, 1), 0)
+        k, v = slot_major(k, v)
         gist_k = jnp.where(keep[None, ..., None], _gather_rows(k, index, 2), 0)
         gist_v = jnp.where(keep[None, ..., None], _gather_rows(v, index, 2), 0)
+        gist_k, gist_v = heads_major(gist_k, gist_v)
         kv = KVCache(
             k=gist_k,
             v=gist_v,

@@ -16,13 +16,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gist_jax.models.attention import (
-    HeadMerge,
-    HeadProjection,
-    KVCache,
-    dot_product_attention,
-    write_layer_cache,
-)
+from gist_jax.models import attention as attention_lib
+from gist_jax.models.attention import KVCache
 from gist_jax.models.layers import RMSNorm, remat
 
 if TYPE_CHECKING:
@@ -48,7 +43,7 @@ class T5GistCache:
     """A compressed prompt: what the encoder needs of the k gist tokens.
 
     Attributes:
-      kv: encoder self-attention keys/values ``[layers, B, k, H, Dk]`` of the gist tokens,
+      kv: encoder self-attention keys/values of the gist tokens (``KVCache``'s layout),
         with their positions in the uncompressed source (``kv.pos``, ``-1`` = empty slot,
         for an example with fewer than k gist tokens) and ``kv.end == k``.
       hidden: ``[B, k, D]`` final encoder states at the gist positions (zero at empty slots),
@@ -68,9 +63,10 @@ class T5DecoderCache:
     """Decoder state for step-by-step decoding.
 
     Attributes:
-      self_kv: decoder self-attention ``KVCache`` ``[layers, B, S, H, Dk]``.
-      cross_k, cross_v: ``[layers, B, Ls, H, Dk]`` cross-attention keys/values of the
-        encoder output, computed once by ``init_cache``.
+      self_kv: decoder self-attention ``KVCache``.
+      cross_k, cross_v: cross-attention keys/values of the encoder output in ``KVCache``'s
+        layout (``[layers, B, H, Dk, Ls]``, ``[layers, B, H, Ls, Dk]``), computed once by
+        ``init_cache``.
     """
 
     self_kv: KVCache
@@ -161,8 +157,8 @@ class Attention(nn.Module):
         cfg = self.config
         f, d, h, dk = cfg.initializer_factor, cfg.d_model, cfg.num_heads, cfg.d_kv
 
-        def proj(std: float, name: str) -> HeadProjection:
-            return HeadProjection(
+        def proj(std: float, name: str) -> attention_lib.HeadProjection:
+            return attention_lib.HeadProjection(
                 heads=h,
                 head_dim=dk,
                 kernel_init=normal_init(std, ("embed", "heads", "head_dim")),
@@ -174,7 +170,7 @@ class Attention(nn.Module):
         self.q = proj(f * (d * dk) ** -0.5, "q")
         self.k = proj(f * d**-0.5, "k")
         self.v = proj(f * d**-0.5, "v")
-        self.o = HeadMerge(
+        self.o = attention_lib.HeadMerge(
             features=d,
             kernel_init=normal_init(f * (h * dk) ** -0.5, ("heads", "head_dim", "embed")),
             dtype=cfg.compute_dtype,
@@ -182,20 +178,30 @@ class Attention(nn.Module):
         )
 
     def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values ``[B, K, H, Dk]`` of ``x [B, K, D]``."""
-        return self.k(x), self.v(x)
+        """Keys and values of ``x [B, K, D]`` in ``attention``'s layout: ``[B, H, Dk, K]``
+        and ``[B, H, K, Dk]``."""
+        return attention_lib.heads_major(self.k(x), self.v(x))
 
     def __call__(
         self,
         x: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
+        keys_t: jax.Array,
+        values: jax.Array,
         mask: jax.Array | None,
         bias: jax.Array | None,
     ) -> jax.Array:
-        dtype = self.config.compute_dtype
+        cfg = self.config
+        dtype = cfg.compute_dtype
         q = nn.with_logical_constraint(self.q(x), ("batch", "length", "heads", None))
-        out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask, bias, scale=1.0)
+        out = attention_lib.attention(
+            q,
+            keys_t.astype(dtype),
+            values.astype(dtype),
+            mask,
+            bias=bias,
+            scale=1.0,
+            implementation=cfg.attention,
+        )
         return self.o(out)
 
 
@@ -254,9 +260,9 @@ class EncoderLayer(nn.Module):
         attn = Attention(cfg, name="self_attn")
         k, v = attn.kv(x)
         new_kv = (k, v) if self.collect_kv else None
-        if extra is not None:
-            k = jnp.concatenate([extra[0].astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([extra[1].astype(v.dtype), v], axis=1)
+        if extra is not None:  # the gist tokens' slots first
+            k = jnp.concatenate([extra[0].astype(k.dtype), k], axis=3)
+            v = jnp.concatenate([extra[1].astype(v.dtype), v], axis=2)
         hidden = hidden + attn(x, k, v, mask, bias)
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="ff_norm")(hidden)
         hidden = hidden + FeedForward(cfg, name="ff")(x)
@@ -296,9 +302,7 @@ class DecoderLayer(nn.Module):
         k, v = attn.kv(x)
         new_kv = None
         if self_k is not None:
-            self_k, self_v = write_layer_cache(self_k, self_v, end, k, v)
-            new_kv = (self_k, self_v)
-            k, v = self_k, self_v
+            new_kv = k, v = attention_lib.write_layer_cache(self_k, self_v, end, k, v)
         hidden = hidden + attn(x, k, v, self_mask, self_bias)
 
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="cross_attn_norm")(hidden)

@@ -20,10 +20,8 @@ import ml_collections
 from gist_jax import train_config
 from gist_jax.convert import common, loading
 from gist_jax.models.family import Family, config_from_dict
+from gist_jax.models.layers import RUNTIME_FIELDS
 from gist_jax.train import step as tstep
-
-# Fields that say how a model runs, not what it is: a teacher may differ in them.
-_RUNTIME_FIELDS = ("dtype", "scan_layers", "remat")
 
 
 def objective_of(config: ml_collections.ConfigDict) -> tstep.Objective:
@@ -87,7 +85,7 @@ def load_teacher(
     ``train.teacher`` when it is a different architecture than the student."""
     path = teacher_dir(config, base_dir)
     saved = config_from_dict(common.read_model_config(path))
-    same = {f: getattr(model_config, f) for f in _RUNTIME_FIELDS}
+    same = {f: getattr(model_config, f) for f in RUNTIME_FIELDS}  # a teacher may run differently
     if dataclasses.replace(saved, **same) != model_config:
         raise train_config.ConfigError(
             f"train.teacher={str(path)!r}: its model config differs from the student's "
