@@ -127,43 +127,6 @@ def _shape_problems(saved_tree: Any, abstract_tree: Any, prefix: str) -> list[st
     return problems
 
 
-def export_model(
-    out_dir: str | os.PathLike,
-    params: Any,
-    model_config: Mapping[str, Any],
-    tokenizer: Any | None,
-) -> pathlib.Path:
-    """Write the trained model as a converted checkpoint directory (``model_config.json``,
-    ``params/``, ``tokenizer/``; see ``gist_jax.convert.common``), replacing ``out_dir``.
-
-    Called by every process: orbax writes each process's shards of the params; process 0
-    writes the config and tokenizer and renames the finished directory into place.
-    """
-    from jax.experimental import multihost_utils
-
-    from gist_jax.convert import common
-
-    out = pathlib.Path(out_dir).absolute()
-    # A fixed name (every process must write to the same directory); a stale one from a
-    # killed export is removed first.
-    tmp = out.with_name(f".{out.name}.tmp")
-    primary = jax.process_index() == 0
-    multi = jax.process_count() > 1
-    if primary and tmp.exists():
-        shutil.rmtree(tmp)
-    if multi:
-        multihost_utils.sync_global_devices("gist_jax:export:start")
-    common.save_params(tmp / common.PARAMS_DIR, params)
-    if primary:
-        (tmp / common.MODEL_CONFIG_FILE).write_text(json.dumps(dict(model_config), indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / common.TOKENIZER_DIR))
-        files.replace_directory(tmp, out)
-    if multi:
-        multihost_utils.sync_global_devices("gist_jax:export:done")
-    return out
-
-
 class Checkpointer:
     """Save/restore ``TrainState`` + data iterator state under ``WORKDIR/checkpoints``."""
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from gist_jax.convert.common import GIST_TOKEN
+from gist_jax.data.templates import GIST_TOKEN
 from gist_jax.inference.gist_cache import GistCacheError, check_prompts
 
 

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from gist_jax import checkpoint as ckpt_lib
 from gist_jax import tiny_tokenizer, train_config
 from gist_jax.convert import common, loading
+from gist_jax.data import tokenize
 from gist_jax.models.family import Family, config_from_dict, family_named, family_of
 
 
@@ -113,7 +114,7 @@ def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
                 f"({len(tokenizer)} tokens)"
             )
         token_ids = {
-            "gist_token_id": common.gist_token_id_of(tokenizer),
+            "gist_token_id": tokenize.gist_token_id_of(tokenizer),
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,

@@ -17,7 +17,7 @@ import functools
 import hashlib
 from typing import Any
 
-from gist_jax.convert.common import GIST_TOKEN
+from gist_jax.data.templates import GIST_TOKEN
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", GIST_TOKEN)
 PREFIX = "synthetic_bpe"

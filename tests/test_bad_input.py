@@ -28,6 +28,7 @@ from gist_jax.convert import common
 from gist_jax.convert.common import ConversionError
 from gist_jax.convert.from_hf import convert_from_hf
 from gist_jax.convert.to_hf import convert_to_hf
+from gist_jax.data import tokenize
 from gist_jax.data.alpaca import DataFormatError
 from gist_jax.train import pipeline
 
@@ -141,7 +142,7 @@ def test_training_start_reports_skipped_and_truncated_examples(tmp_path):
 
 def test_gist_text_in_user_fields_cannot_change_the_mask():
     tokenizer = tiny_tokenizer.synthetic_bpe(512)
-    gist_id = common.gist_token_id_of(tokenizer)
+    gist_id = tokenize.gist_token_id_of(tokenizer)
     for k in (1, 2):
         encoded, _ = data.encode_decoder_examples([SNEAKY, GOOD], tokenizer, k, 64)
         batch = data.collate_decoder([[ex] for ex in encoded], 64, tokenizer.pad_token_id)
@@ -290,22 +291,20 @@ def test_killed_exports_never_look_complete(converted, tmp_path):
     convert_to_hf(converted, out)
     assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
 
-    # The training run's final export (checkpoint.export_model) replacing an earlier
+    # The training run's final export (common.export_model) replacing an earlier
     # export, killed after the new params were saved: the old export stays complete.
-    from gist_jax import checkpoint
     from gist_jax.convert import loading
 
     export = tmp_path / "export"
     config, params, tokenizer = loading.load_checkpoint(converted)
-    checkpoint.export_model(export, params, config.to_dict(), tokenizer)
+    common.export_model(export, params, config.to_dict(), tokenizer)
     (export / "written_first").write_text("the earlier export")  # tells the two apart
     before = sorted(str(p.relative_to(export)) for p in export.rglob("*"))
     call = "\n".join(
         [
-            "from gist_jax import checkpoint",
-            "from gist_jax.convert import loading",
+            "from gist_jax.convert import common, loading",
             f"config, params, tokenizer = loading.load_checkpoint({str(converted)!r})",
-            f"checkpoint.export_model({str(export)!r}, params, config.to_dict(), tokenizer)",
+            f"common.export_model({str(export)!r}, params, config.to_dict(), tokenizer)",
         ]
     )
     result = _killed("save_params", call)

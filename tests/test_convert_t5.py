@@ -19,6 +19,7 @@ from gist_jax import gist
 from gist_jax.convert import common, from_hf, loading, to_hf
 from gist_jax.convert import t5 as convert_t5
 from gist_jax.convert.common import ConversionError
+from gist_jax.data import tokenize
 from gist_jax.models.family import T5
 
 TOKENIZER_VOCAB = 80  # sentencepiece pieces; the tokenizer has no sentinel ids
@@ -207,7 +208,7 @@ def test_t5_tokenizer_gist_token(tmp_path):
     assert common.add_gist_token(tok) == gist_id and len(tok) == TOKENIZER_VOCAB + 1
     tok.save_pretrained(str(tmp_path / "saved"))
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
-    assert common.gist_token_id_of(reloaded) == gist_id
+    assert tokenize.gist_token_id_of(reloaded) == gist_id
     assert reloaded.convert_tokens_to_ids(common.GIST_TOKEN) == gist_id
     assert reloaded(common.GIST_TOKEN, add_special_tokens=False).input_ids == [gist_id]
     ids = reloaded("Instruction: answer<GIST>Input: the dog").input_ids

@@ -10,9 +10,9 @@ import fixtures_data
 import numpy as np
 import pytest
 
-from gist_jax.convert.common import GIST_TOKEN
 from gist_jax.data import batching, synthetic, tokenize
 from gist_jax.data.batching import BatchIterator
+from gist_jax.data.templates import GIST_TOKEN
 
 MAX_LEN = 96
 SOURCE_LEN, TARGET_LEN = 80, 24

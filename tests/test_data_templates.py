@@ -9,7 +9,6 @@ import itertools
 import fixtures_data
 import pytest
 
-from gist_jax.convert.common import GIST_TOKEN, ConversionError
 from gist_jax.data import templates, tokenize
 
 smollm2_tokenizer = fixtures_data.smollm2_tokenizer
@@ -77,7 +76,7 @@ def test_smollm2_worked_example(smollm2_tokenizer):
         "Output: Bonjour<|im_end|>"
     )
     assert tok.decode(ex.completion.tolist()) == " Bonjour<|im_end|>"
-    gist_id = tok.convert_tokens_to_ids(GIST_TOKEN)
+    gist_id = tok.convert_tokens_to_ids(templates.GIST_TOKEN)
     assert ex.prompt[ex.gist_first : ex.gist_last + 1].tolist() == [gist_id, gist_id]
     assert ex.prompt[0] == tok.bos_token_id and ex.completion[-1] == tok.eos_token_id
 
@@ -90,7 +89,9 @@ def test_smollm2_pieces_equal_joint_tokenisation(smollm2_tokenizer, example, k):
     tok = smollm2_tokenizer
     [ex], _ = tokenize.encode_decoder_examples([example], tok, k, 512)
     text = templates.decoder_prompt_text(example["instruction"], example["input"], k)
-    text = text.replace(" ".join([GIST_TOKEN] * k), GIST_TOKEN * k) if k else text
+    text = (
+        text.replace(" ".join([templates.GIST_TOKEN] * k), templates.GIST_TOKEN * k) if k else text
+    )
     joint = tok(text + " " + example["output"], add_special_tokens=False)["input_ids"]
     assert ex.tokens[1:-1].tolist() == joint
 
@@ -99,7 +100,7 @@ def test_smollm2_pieces_equal_joint_tokenisation(smollm2_tokenizer, example, k):
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_literal_gist_text_never_becomes_the_gist_token(request, tokenizer_name, k):
     tok = request.getfixturevalue(tokenizer_name)
-    gist_id = tok.convert_tokens_to_ids(GIST_TOKEN)
+    gist_id = tok.convert_tokens_to_ids(templates.GIST_TOKEN)
     [dec], _ = tokenize.encode_decoder_examples([SNEAKY], tok, k, 512)
     [encdec], _ = tokenize.encode_encdec_examples([SNEAKY], tok, k, 512, 512)
     for ids, first, last in [
@@ -138,7 +139,7 @@ def test_sentencepiece_continuation_has_no_stray_space(llama_spm_tokenizer):
     tok = llama_spm_tokenizer
     [ex], _ = tokenize.encode_decoder_examples([TRANSLATE], tok, 1, 512)
     pieces = tok.convert_ids_to_tokens(ex.tokens.tolist())
-    gist = pieces.index(GIST_TOKEN)
+    gist = pieces.index(templates.GIST_TOKEN)
     assert pieces[gist + 1 : gist + 4] == ["\n", "Input", ":"]
     assert all(not (a == "\u2581" and b == "\n") for a, b in itertools.pairwise(pieces))
     # The completion carries the space after "Output:" as the dummy prefix.
@@ -152,7 +153,7 @@ def test_dummy_prefix_detection(smollm2_tokenizer, t5_tokenizer, llama_spm_token
 
 
 def test_tokenizer_without_gist_token_is_rejected():
-    with pytest.raises(ConversionError, match="tokenizer has no <GIST> token"):
+    with pytest.raises(tokenize.GistTokenError, match="tokenizer has no <GIST> token"):
         tokenize.encode_encdec_examples([TRANSLATE], make_t5_tokenizer(with_gist=False), 1, 64, 64)
 
 

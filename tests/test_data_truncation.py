@@ -8,8 +8,8 @@ import fixtures_data
 import numpy as np
 import pytest
 
-from gist_jax.convert.common import GIST_TOKEN
 from gist_jax.data import templates, tokenize
+from gist_jax.data.templates import GIST_TOKEN
 
 K = 2
 LONG = {

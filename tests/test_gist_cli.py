@@ -15,6 +15,7 @@ from gist_jax import tiny_tokenizer
 from gist_jax.cli import gist_compress, gist_generate
 from gist_jax.cli import prompts as prompts_lib
 from gist_jax.convert import common
+from gist_jax.data import tokenize
 from gist_jax.inference import decode
 from gist_jax.inference import store as gist_store
 from gist_jax.models import llama
@@ -42,7 +43,7 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        gist_token_id=common.gist_token_id_of(tokenizer),
+        gist_token_id=tokenize.gist_token_id_of(tokenizer),
     )
     params = LLAMA.init_params(config, jax.random.key(0))
     out = tmp_path_factory.mktemp("ckpt") / "tiny"

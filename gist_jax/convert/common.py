@@ -20,14 +20,15 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from gist_jax import files
+from gist_jax.data.templates import GIST_TOKEN
 
-GIST_TOKEN = "<GIST>"
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
@@ -152,15 +153,40 @@ def add_gist_token(tokenizer: Any) -> int:
     return int(tokenizer.convert_tokens_to_ids(GIST_TOKEN))
 
 
-def gist_token_id_of(tokenizer: Any) -> int:
-    """The id of ``<GIST>`` in a tokenizer; a clear error if the tokenizer lacks it."""
-    vocab = tokenizer.get_vocab()
-    if GIST_TOKEN not in vocab:
-        raise ConversionError(
-            f"tokenizer has no {GIST_TOKEN} token; convert the model with "
-            "`python -m gist_jax.convert.from_hf` first"
-        )
-    return int(vocab[GIST_TOKEN])
+def export_model(
+    out_dir: str | os.PathLike,
+    params: Any,
+    model_config: Mapping[str, Any],
+    tokenizer: Any | None,
+) -> pathlib.Path:
+    """Write a trained model as a converted checkpoint directory (``model_config.json``,
+    ``params/``, ``tokenizer/``), replacing ``out_dir``.
+
+    Called by every process: orbax writes each process's shards of the params; process 0
+    writes the config and tokenizer and renames the finished directory into place.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    out = pathlib.Path(out_dir).absolute()
+    # A fixed name (every process must write to the same directory); a stale one from a
+    # killed export is removed first.
+    tmp = out.with_name(f".{out.name}.tmp")
+    primary = jax.process_index() == 0
+    multi = jax.process_count() > 1
+    if primary and tmp.exists():
+        shutil.rmtree(tmp)
+    if multi:
+        multihost_utils.sync_global_devices("gist_jax:export:start")
+    save_params(tmp / PARAMS_DIR, params)
+    if primary:
+        (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(dict(model_config), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        files.replace_directory(tmp, out)
+    if multi:
+        multihost_utils.sync_global_devices("gist_jax:export:done")
+    return out
 
 
 def save_params(path: str | os.PathLike, params: Any) -> None:

@@ -37,8 +37,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from gist_jax.convert.common import GIST_TOKEN
-
+GIST_TOKEN = "<GIST>"  # the token every template inserts k times after the instruction
 Role = Literal["skeleton", "instruction", "input", "gist", "output"]
 USER_ROLES: tuple[str, ...] = ("instruction", "input", "output")
 

@@ -7,7 +7,7 @@ rules it guarantees:
   own with ``split_special_tokens=True`` (a literal "<GIST>" in an instruction is ordinary
   text), the k gist ids are inserted by id, and every piece is checked not to contain the
   gist id. Works with any Hugging Face tokenizer (byte-level BPE or sentencepiece) that has
-  a ``<GIST>`` token; one without it gets ``ConversionError`` from ``gist_token_id_of``.
+  a ``<GIST>`` token; one without it gets ``GistTokenError`` from ``gist_token_id_of``.
 * **Pieces tokenise like the joined text.** A user text that follows a template space is
   encoded as ``" " + text`` for tokenizers without a sentencepiece dummy prefix, and as
   ``text`` for those with one (which add the "▁" themselves); a template piece that
@@ -35,9 +35,24 @@ from typing import Any
 
 import numpy as np
 
-from gist_jax.convert.common import gist_token_id_of
 from gist_jax.data import templates
 from gist_jax.data.templates import Piece
+
+
+class GistTokenError(ValueError):
+    """A tokenizer without the ``<GIST>`` token (a model not converted by gist_jax)."""
+
+
+def gist_token_id_of(tokenizer: Any) -> int:
+    """The id of ``<GIST>`` in a tokenizer; a clear error if the tokenizer lacks it."""
+    vocab = tokenizer.get_vocab()
+    if templates.GIST_TOKEN not in vocab:
+        raise GistTokenError(
+            f"tokenizer has no {templates.GIST_TOKEN} token; convert the model with "
+            "`python -m gist_jax.convert.from_hf` first"
+        )
+    return int(vocab[templates.GIST_TOKEN])
+
 
 NO_GIST = -1
 _SPM_SPACE = "\u2581"  # sentencepiece's word-boundary marker "▁"

@@ -34,7 +34,7 @@ import ml_collections
 from gist_jax import checkpoint as ckpt_lib
 from gist_jax import distributed, model_loading, train_config
 from gist_jax import sharding as shd
-from gist_jax.convert import loading
+from gist_jax.convert import common, loading
 from gist_jax.train import freezing, optim, pipeline, teacher
 from gist_jax.train import state as ts
 from gist_jax.train import step as tstep
@@ -472,7 +472,7 @@ def _train_and_evaluate(
             if preempted:
                 logger.message(f"stopped at step {step} (SIGTERM); checkpoint saved")
             elif config.train.export:
-                export_dir = ckpt_lib.export_model(
+                export_dir = common.export_model(
                     workdir / "export", state.params, model_config_dict, loaded.tokenizer
                 )
                 logger.message(f"exported the trained model to {export_dir}")
