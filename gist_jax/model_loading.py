@@ -7,9 +7,10 @@ scanned layers, remat), its family and tokenizer. ``load_params`` gives the para
 evaluate or serve: a training checkpoint's params only (never the optimizer state), or the
 config's own model when the workdir has no checkpoint.
 
-Training, evaluation and the quickstart load models here (``gist-compress`` and
-``gist-generate``, which take a converted directory rather than a run config, read it with
-``gist_jax.convert.loading``, the one reader of a converted checkpoint directory).
+Training, evaluation and the quickstart load models here; ``load_converted`` serves
+``gist-compress`` and ``gist-generate``, which take a converted directory (or "default")
+rather than a run config. All of them read directories through ``gist_jax.convert.loading``,
+the one reader of a converted checkpoint directory.
 """
 
 from __future__ import annotations
@@ -173,3 +174,20 @@ def load_params(
         loaded.checkpoint_dir, scan_layers=model_config.scan_layers
     )
     return loaded, params, 0
+
+
+def load_converted(checkpoint: str | os.PathLike) -> tuple[Any, Any, Any]:
+    """``(config, params, tokenizer)`` of a converted checkpoint directory, or of the
+    bundled default model when ``checkpoint == "default"``: with unrolled layers (the
+    decoding layout evaluation uses, whatever layout the checkpoint stores) and the params
+    placed on the device once."""
+    from gist_jax.inference import decode
+
+    if str(checkpoint) == "default":
+        from gist_jax.convert.default_model import ensure_default_model
+
+        _, checkpoint = ensure_default_model()
+    config, params, tokenizer = loading.load_checkpoint(pathlib.Path(checkpoint), scan_layers=False)
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint}: the checkpoint has no tokenizer/ directory")
+    return config, decode.place_params(params, config, None), tokenizer

@@ -159,9 +159,9 @@ def test_cli_loader_decodes_unrolled_from_device_arrays():
     with unrolled layers, evaluation's decoding layout, and params already on the device."""
     import jax
 
-    from gist_jax.cli import prompts
+    from gist_jax import model_loading
 
-    config, params, tokenizer = prompts.load_model("default")
+    config, params, tokenizer = model_loading.load_converted("default")
     assert config.scan_layers is False and tokenizer is not None
     leaves = jax.tree.leaves(params)
     assert leaves and all(isinstance(x, jax.Array) for x in leaves)

@@ -11,7 +11,7 @@ import pathlib
 import jax
 import pytest
 
-from gist_jax import tiny_tokenizer
+from gist_jax import model_loading, tiny_tokenizer
 from gist_jax.cli import gist_compress, gist_generate
 from gist_jax.cli import prompts as prompts_lib
 from gist_jax.convert import common
@@ -65,7 +65,7 @@ def _requests_full(model, instruction: str, inputs: list[str]) -> list[str]:
 
 
 def test_stored_prompt_equals_instruction_equals_full_decode(checkpoint, tmp_path):
-    model = prompts_lib.load_model(checkpoint)
+    model = model_loading.load_converted(checkpoint)
     config, params, tokenizer = model
     summary = gist_compress.compress_instructions(
         config, params, tokenizer, INSTRUCTIONS, tmp_path / "store", batch_size=4
@@ -96,7 +96,7 @@ def test_stored_prompt_equals_instruction_equals_full_decode(checkpoint, tmp_pat
 
 
 def test_bad_input(checkpoint, tmp_path):
-    config, params, tokenizer = prompts_lib.load_model(checkpoint)
+    config, params, tokenizer = model_loading.load_converted(checkpoint)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "ok"}\n{"text": "no instruction key"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: object has no 'instruction' key"):

@@ -78,12 +78,13 @@ def test_cache_holds_only_the_gist_tokens():
 def smollm_export(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gist_jax import model_loading
     from gist_jax.cli import prompts as prompt_lib
     from gist_jax.convert.default_model import ensure_default_model
     from gist_jax.convert.to_hf import convert_to_hf
 
     _, ckpt_dir = ensure_default_model()
-    config, params, tokenizer = prompt_lib.load_model(ckpt_dir)
+    config, params, tokenizer = model_loading.load_converted(ckpt_dir)
     export = convert_to_hf(ckpt_dir, tmp_path_factory.mktemp("smollm") / "export_hf")
     model = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
     instructions = [

@@ -19,6 +19,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from gist_jax import model_loading
 from gist_jax.cli import prompts as prompts_lib
 from gist_jax.cli.entry import run_app
 from gist_jax.inference import store as gist_store
@@ -95,7 +96,7 @@ def main(argv: Sequence[str], flag_values: Any = None) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flag_values if flag_values is not None else flags.FLAGS
-    config, params, tokenizer = prompts_lib.load_model(f.checkpoint)
+    config, params, tokenizer = model_loading.load_converted(f.checkpoint)
     summary = compress_instructions(
         config,
         params,

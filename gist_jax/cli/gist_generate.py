@@ -21,6 +21,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from gist_jax import model_loading
 from gist_jax.cli import prompts as prompts_lib
 from gist_jax.cli.entry import run_app
 from gist_jax.inference import gist_cache, programs
@@ -137,7 +138,7 @@ def main(argv: Sequence[str], flag_values: Any = None) -> None:
             raise app.UsageError("give exactly one of --instruction / --prompt_id")
         requests = [Request(f.input, f.instruction, f.prompt_id)]
     sampling = programs.SamplingConfig(f.temperature, f.top_k, f.top_p)
-    config, params, tokenizer = prompts_lib.load_model(f.checkpoint)
+    config, params, tokenizer = model_loading.load_converted(f.checkpoint)
     outputs = generate_texts(
         config,
         params,

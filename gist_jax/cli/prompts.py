@@ -12,31 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from gist_jax.inference import decode, gist_cache
+from gist_jax.inference import gist_cache
 
 # Stands in for the instruction when only the input's tokens are wanted.
 _PLACEHOLDER = "x"
-
-
-def load_model(checkpoint: str | os.PathLike) -> tuple[Any, Any, Any]:
-    """``(config, params, tokenizer)`` of a converted checkpoint directory, or of the
-    bundled default model when ``checkpoint == "default"``: with unrolled layers (the
-    decoding layout evaluation uses, whatever layout the checkpoint stores) and the params
-    placed on the device once."""
-    from gist_jax.convert import loading
-
-    if str(checkpoint) == "default":
-        from gist_jax.convert.default_model import ensure_default_model
-
-        _, checkpoint = ensure_default_model()
-    config, params, tokenizer = loading.load_checkpoint(pathlib.Path(checkpoint), scan_layers=False)
-    if tokenizer is None:
-        raise ValueError(f"{checkpoint}: the checkpoint has no tokenizer/ directory")
-    return config, decode.place_params(params, config, None), tokenizer
 
 
 def _encode(
