@@ -81,6 +81,19 @@ def measure(fns: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1) ->
     return {name: Timing(samples[name]) for name in names}
 
 
+def median_ms(fn: Callable[..., Any], *args: Any, calls: int = 20) -> float:
+    """Milliseconds of ``fn(*args)`` (blocked on), median of ``calls`` after 3 warm-ups:
+    the probes' timer for one function in isolation."""
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     """``(result, seconds)`` of one call (for compile times and one-off costs)."""
     start = time.perf_counter()

@@ -15,29 +15,14 @@ Random data; median of 20 calls after warm-up; milliseconds, and reference / cpu
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from gist_jax.models.attention import attention
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 30, 9, 3, 64
-
-
-def median_ms(fn: Callable[..., Any], *args: Any, calls: int = 20) -> float:
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _normal(rng: np.random.Generator, *shape: int) -> jax.Array:
@@ -63,7 +48,7 @@ def training(
             return jnp.sum(out * weights)
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3) if bias else (0, 1, 2)))
-        times[impl] = median_ms(step, q, k_t, v, b)
+        times[impl] = common.median_ms(step, q, k_t, v, b)
     return times
 
 
@@ -82,7 +67,7 @@ def decoding(rng: np.random.Generator, rows: int, slots: int) -> dict[str, float
                 attention(q, k, v, mask, implementation=impl) for k, v in zip(ks, vs, strict=True)
             ]
 
-        times[impl] = median_ms(step, q, ks, vs)
+        times[impl] = common.median_ms(step, q, ks, vs)
     return times
 
 

@@ -18,10 +18,6 @@ Random data; median of 20 calls after warm-up. Prints milliseconds per decode st
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,17 +27,6 @@ from benchmarks import common
 from gist_jax.models.attention import KVCache, attention
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, DIM, HIDDEN = 30, 9, 3, 64, 576, 1536
-
-
-def median_ms(fn: Callable[..., Any], *args: Any, calls: int = 20) -> float:
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def attention_reads(rows: int, slots: int, rng: np.random.Generator) -> dict[str, float]:
@@ -64,8 +49,8 @@ def attention_reads(rows: int, slots: int, rng: np.random.Generator) -> dict[str
     want, got = stacked(q, k, v), per_layer(q, split.k, split.v)
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(want, got, strict=True))
     return {
-        "attention, stacked cache": median_ms(stacked, q, k, v),
-        "attention, one buffer per layer (KVCache.per_layer)": median_ms(
+        "attention, stacked cache": common.median_ms(stacked, q, k, v),
+        "attention, one buffer per layer (KVCache.per_layer)": common.median_ms(
             per_layer, q, split.k, split.v
         ),
         "max |difference|": diff,
@@ -101,8 +86,8 @@ def mlp(rows: int, rng: np.random.Generator) -> dict[str, float]:
 
     as_jax = [[jnp.asarray(w) for w in ws] for ws in (gate, up, down)]
     return {
-        "MLP products, JAX": median_ms(jax_mlp, jnp.asarray(x), *as_jax),
-        "MLP products, PyTorch": median_ms(torch_mlp, torch.from_numpy(x)),
+        "MLP products, JAX": common.median_ms(jax_mlp, jnp.asarray(x), *as_jax),
+        "MLP products, PyTorch": common.median_ms(torch_mlp, torch.from_numpy(x)),
     }
 
 
@@ -125,7 +110,8 @@ def row_sweep(rows_list: list[int], rng: np.random.Generator) -> list[tuple[int,
         x = jnp.asarray(rng.normal(size=(rows, DIM)).astype(np.float32))
         flops = 2 * rows * DIM * HIDDEN * LAYERS
         rates = [
-            flops / median_ms(fn, x, ws) / 1e6 for fn, ws in ((in_out, as_in), (out_in, as_out))
+            flops / common.median_ms(fn, x, ws) / 1e6
+            for fn, ws in ((in_out, as_in), (out_in, as_out))
         ]
         out.append((rows, *rates))
     return out
