@@ -58,7 +58,7 @@ from gist_jax.data.suite import (
     held_out_pair,
     sample_slots,
 )
-from gist_jax.data.synthetic import WORDS
+from gist_jax.data.synthetic_inputs import WORDS
 
 SOURCE = "synthetic_v2"
 SPLITS = suite.SPLITS

@@ -53,7 +53,7 @@ from num2words import num2words
 
 from gist_jax.data import suite
 from gist_jax.data.suite import Invalid, Op, Slots, held_out_pair
-from gist_jax.data.synthetic import WORDS
+from gist_jax.data.synthetic_inputs import WORDS
 from gist_jax.data.synthetic_v3_facts import (
     ADJECTIVES,
     ADVERBS,
