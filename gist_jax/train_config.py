@@ -60,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
     c.model.remat = "none"  # "none" | "full" | "dots" (save matmul outputs)
     # How attention is computed (the same function): "cpu" (a hand-written gradient, tuned
-    # for XLA:CPU) | "reference" (einsums differentiated by JAX); models.attention.
+    # for XLA:CPU) | "reference" (einsums differentiated by JAX) | "cudnn" (NVIDIA GPUs,
+    # bfloat16; jax.nn.dot_product_attention's fused kernel); models.attention.
     c.model.attention = "cpu"
 
     c.data = ml_collections.ConfigDict()
@@ -211,6 +212,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", "expected 'float32' or 'bfloat16'")
     need(m.remat in ("none", "full", "dots"), "model.remat", "expected 'none', 'full' or 'dots'")
     need(m.attention in IMPLEMENTATIONS, "model.attention", f"expected one of {IMPLEMENTATIONS}")
+    if m.attention == "cudnn":
+        import jax
+
+        need(
+            m.dtype == "bfloat16", "model.attention", "cuDNN attention needs model.dtype='bfloat16'"
+        )
+        need(
+            jax.default_backend() == "gpu",
+            "model.attention",
+            f"cuDNN attention needs an NVIDIA GPU; this run's backend is {jax.default_backend()}",
+        )
     need(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     if m.checkpoint == RANDOM_INIT:
         need("model_type" in m.init, "model.init", "random init needs model.init.model_type")

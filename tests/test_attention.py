@@ -54,7 +54,8 @@ def _inputs(q_len: int, with_bias: bool, kv_heads: int = KV_HEADS):
     return q, k, v, jnp.asarray(mask), bias
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+# "cudnn" (bfloat16 only) has its own test below.
+@pytest.mark.parametrize("implementation", ["reference", "cpu"])
 @pytest.mark.parametrize(
     ("q_len", "with_bias", "kv_heads"), [(1, False, 2), (3, False, 2), (3, True, 6)]
 )
@@ -93,6 +94,37 @@ def test_cpu_gradient_matches_autodiff_of_the_reference(with_bias):
     for a, b in zip(want, got, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+
+def test_cudnn_path_passes_our_layout_and_mask_to_jax(monkeypatch):
+    """The "cudnn" implementation hands keys, values, mask and bias to
+    jax.nn.dot_product_attention in its layout. Its cuDNN backend needs an NVIDIA GPU, so
+    here the same call runs on JAX's XLA backend, in bfloat16 as cuDNN requires."""
+    from gist_jax.models import attention as attention_lib
+
+    monkeypatch.setitem(attention_lib._JAX_BACKENDS, "cudnn", "xla")
+    for q_len, with_bias, kv_heads in [(3, False, 2), (3, True, 6)]:
+        q, k, v, mask, bias = _inputs(q_len, with_bias, kv_heads)
+        scale = 1.0 if with_bias else DIM**-0.5
+        want = numpy_attention(q, k, v, mask, bias, scale)
+        q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+        got = attention(
+            q16,
+            *heads_major(k16, v16),
+            mask,
+            bias=bias,
+            scale=1.0 if with_bias else None,
+            implementation="cudnn",
+        )
+        assert got.dtype == jnp.bfloat16 and got.shape == q.shape
+        # bfloat16 has 8 bits of mantissa: outputs of size ~1 agree to a few 1e-2.
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2)
+    with pytest.raises(ValueError, match="needs bfloat16 or float16 compute"):
+        attention(q, *heads_major(k, v), mask, implementation="cudnn")
+
+
+def test_every_implementation_is_tested():
+    assert set(IMPLEMENTATIONS) == {"reference", "cpu", "cudnn"}
 
 
 def test_unknown_implementation_is_refused():

@@ -159,6 +159,16 @@ def test_validation_lists_every_problem(tmp_path):
         train.train_and_evaluate(quick_config(train__lr=-1e-5), tmp_path, progress_bar=False)
 
 
+def test_cudnn_attention_is_refused_where_it_cannot_run(tmp_path):
+    """On this CPU: float32 compute and the CPU backend are both named, nothing is written."""
+    config = quick_config("tiny_llama", model__attention="cudnn")
+    with pytest.raises(train_config.ConfigError) as err:
+        train.train_and_evaluate(config, tmp_path, progress_bar=False)
+    assert "cuDNN attention needs model.dtype='bfloat16'" in str(err.value)
+    assert "cuDNN attention needs an NVIDIA GPU; this run's backend is cpu" in str(err.value)
+    assert not any(tmp_path.iterdir())
+
+
 def test_invalid_mesh(tmp_path):
     config = quick_config(mesh__fsdp=3, mesh__data=1, mesh__tensor=1)
     with pytest.raises(shd.MeshError, match=r"data=1, fsdp=3, tensor=1\) has 3 devices but 8"):

@@ -25,7 +25,12 @@ MASK_VALUE = -1e30
 # ``model.attention``: how ``attention`` computes the same function.
 #   "reference": einsums and jax.nn.softmax, differentiated by JAX; the oracle.
 #   "cpu": the same products with a hand-written gradient (``_attend``), tuned for XLA:CPU.
-IMPLEMENTATIONS = ("reference", "cpu")
+#   "cudnn": jax.nn.dot_product_attention's cuDNN fused kernel (NVIDIA GPUs, bfloat16 or
+#     float16 compute). It takes the gist mask as a boolean mask, which JAX turns into a
+#     dense additive bias: fused, but not O(L) in memory.
+IMPLEMENTATIONS = ("reference", "cpu", "cudnn")
+# The jax.nn.dot_product_attention backend of each implementation that delegates to it.
+_JAX_BACKENDS = {"cudnn": "cudnn"}
 
 
 def attention(
@@ -64,6 +69,8 @@ def attention(
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
     groups = heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
+    if implementation in _JAX_BACKENDS:
+        return _jax_attention(query, keys_t, values, mask, bias, scale, implementation)
     q = query.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     shape = (batch, kv_heads, groups, q_len, keys_t.shape[3])
     if mask is not None:
@@ -78,6 +85,36 @@ def attention(
     else:
         raise ValueError(f"attention implementation {implementation!r}: expected {IMPLEMENTATIONS}")
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
+
+
+def _jax_attention(
+    query: jax.Array,
+    keys_t: jax.Array,
+    values: jax.Array,
+    mask: jax.Array | None,
+    bias: jax.Array | None,
+    scale: float,
+    implementation: str,
+) -> jax.Array:
+    """``jax.nn.dot_product_attention`` on our layout (it wants keys and values
+    ``[B, S, KVH, D]``); half-precision only, as cuDNN's fused kernel is."""
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"model.attention={implementation!r} needs bfloat16 or float16 compute "
+            f"(model.dtype='bfloat16'); got {query.dtype}"
+        )
+    keys, values = slot_major(keys_t, values)
+    if bias is not None:
+        bias = bias.astype(query.dtype)
+    return jax.nn.dot_product_attention(
+        query,
+        keys.astype(query.dtype),
+        values.astype(query.dtype),
+        bias=bias,
+        mask=mask,
+        scale=float(scale),
+        implementation=_JAX_BACKENDS[implementation],
+    )
 
 
 def _grouped(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
