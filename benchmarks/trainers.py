@@ -149,11 +149,22 @@ def torch_additive_mask(batch: Mapping[str, np.ndarray]) -> np.ndarray:
 class TorchTrainer:
     """The same step in PyTorch ``transformers`` (see the module docstring)."""
 
-    def __init__(self, model: BenchModel, batches: Sequence[Mapping[str, np.ndarray]]):
+    def __init__(
+        self,
+        model: BenchModel,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        device: str = "cpu",
+        bf16_autocast: bool = False,
+    ):
+        """``device``: where the step runs ("cuda" on a GPU); ``bf16_autocast``: float32
+        weights with bfloat16 compute (``torch.autocast``), as gist_jax's ``dtype`` does."""
         import torch
 
         self.torch = torch
-        self.model = copy.deepcopy(model.torch_model()).train()
+        self.device = device
+        self.autocast = bf16_autocast
+        mask_dtype = torch.bfloat16 if bf16_autocast else torch.float32
+        self.model = copy.deepcopy(model.torch_model()).to(device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
@@ -162,20 +173,22 @@ class TorchTrainer:
             {
                 "input_ids": torch.as_tensor(b["input_ids"], dtype=torch.long),
                 "position_ids": torch.as_tensor(np.maximum(b["positions"], 0), dtype=torch.long),
-                "attention_mask": torch.as_tensor(torch_additive_mask(b)),
+                "attention_mask": torch.as_tensor(torch_additive_mask(b)).to(mask_dtype),
                 "targets": torch.as_tensor(b["targets"], dtype=torch.long).reshape(-1),
                 "weights": torch.as_tensor(b["loss_mask"], dtype=torch.float32).reshape(-1),
             }
             for b in batches
         ]
+        self.batches = [{k: v.to(device) for k, v in b.items()} for b in self.batches]
 
     def _loss(self, index: int) -> Any:
         b = self.batches[index]
-        logits = self.model(
-            input_ids=b["input_ids"],
-            position_ids=b["position_ids"],
-            attention_mask=b["attention_mask"],
-        ).logits
+        with self.torch.autocast(self.device, self.torch.bfloat16, enabled=self.autocast):
+            logits = self.model(
+                input_ids=b["input_ids"],
+                position_ids=b["position_ids"],
+                attention_mask=b["attention_mask"],
+            ).logits
         ce = self.torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), b["targets"], reduction="none"
         )
