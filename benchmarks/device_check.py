@@ -261,7 +261,7 @@ def memory(model: BenchModel, spec: dict[str, Any], impls: list[str]) -> dict[st
 
     out: dict[str, Any] = {}
     for impl in impls:
-        m = model.with_runtime(attention=impl, remat="full")
+        m = model.with_runtime(attention=impl)
         module = llama.build_model(m.config)
 
         def loss(params: Any, batch: Any, module: Any = module) -> jax.Array:
