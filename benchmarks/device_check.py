@@ -75,15 +75,8 @@ FULL = dict(
     matmul=8192,
 )
 SMOKE = dict(
-    model=dict(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        vocab_size=512,
-    ),
+    # The benchmarks' tiny model (common.TINY_CONFIG): 2 layers of 64, vocabulary 512.
+    model={k: v for k, v in common.TINY_CONFIG.items() if k in FULL["model"]},
     dtype="float32",
     batch=2,
     length=64,
