@@ -21,7 +21,9 @@ What it measures, each in the same process:
 * ``matmul``: the bfloat16 (smoke: float32) matrix product rate, the MFU denominator;
 * ``train``: tokens/s and MFU of gist_jax's train step per attention implementation, and of
   ``LlamaForCausalLM`` (SDPA, the same 4D gist mask as an additive mask, ``torch.autocast``
-  bfloat16 over float32 weights) on the same device, repetitions interleaved;
+  bfloat16 over float32 weights) on the same device, repetitions interleaved; and
+  "reference" and "flash" on the same tokens packed as 8 examples per row, where "flash"
+  skips the tiles between examples (MFU there counts the dense attention FLOPs);
 * ``decode``: greedy tokens/s at batch 1 and 64 (smoke: 1 and 4) against HF ``generate``,
   and decoding from a compressed gist cache;
 * ``memory``: XLA's planned memory of a forward + backward at 2k, 8k and 32k tokens per
@@ -89,6 +91,7 @@ SMOKE = dict(
 )
 DEVICE_TESTS = (
     "tests/test_attention.py",
+    "tests/test_flash_attention.py",
     "tests/test_convert_llama.py",
     "tests/test_compress.py",
 )
@@ -110,21 +113,32 @@ def make_model(spec: dict[str, Any]) -> BenchModel:
     return BenchModel("random", config, LLAMA.init_params(config, jax.random.key(0)), None)
 
 
-def make_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random tokens, one row per example: an instruction, ``NUM_GIST`` gist tokens, an
-    input and a completion on the last quarter (the loss positions)."""
+def make_batch(
+    batch: int, length: int, vocab: int, seed: int = 0, examples: int = 1
+) -> dict[str, np.ndarray]:
+    """Random tokens, ``examples`` packed examples per row (equal lengths), each an
+    instruction, ``NUM_GIST`` gist tokens, an input and a completion on its last quarter
+    (the loss positions); spans per token, as packing gives them."""
     rng = np.random.default_rng(seed)
+    size = length // examples
     ids = rng.integers(4, vocab, size=(batch, length), dtype=np.int32)
-    first = rng.integers(length // 8, length // 4, size=batch).astype(np.int32)
-    for row, start in enumerate(first):
-        ids[row, start : start + NUM_GIST] = GIST_ID
-    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
+    positions = np.zeros((batch, length), np.int32)
+    segments = np.zeros((batch, length), np.int32)
+    first = np.zeros((batch, length), np.int32)
     loss_mask = np.zeros((batch, length), np.float32)
-    loss_mask[:, 3 * length // 4 : -1] = 1.0
+    for row in range(batch):
+        for e in range(examples):
+            cols = slice(e * size, (e + 1) * size)
+            start = int(rng.integers(size // 8, size // 4))
+            ids[row, e * size + start : e * size + start + NUM_GIST] = GIST_ID
+            positions[row, cols] = np.arange(size)
+            segments[row, cols] = e + 1
+            first[row, cols] = start
+            loss_mask[row, e * size + 3 * size // 4 : (e + 1) * size - 1] = 1.0
     return {
         "input_ids": ids,
         "positions": positions,
-        "segment_ids": np.ones((batch, length), np.int32),
+        "segment_ids": segments,
         "targets": np.roll(ids, -1, axis=1),
         "loss_mask": loss_mask,
         "gist_first": first,
@@ -167,10 +181,16 @@ def train(model: BenchModel, spec: dict[str, Any], impls: list[str], peak: float
     batch = make_batch(spec["batch"], spec["length"], model.config.vocab_size)
     tokens = spec["batch"] * spec["length"]
     step_flops = flops.train_step_flops(model.config, spec["batch"], spec["length"])
+    # The same tokens as 8 packed examples per row: "flash" skips the tiles between
+    # examples, the dense implementations compute them and mask them.
+    packed = make_batch(spec["batch"], spec["length"], model.config.vocab_size, examples=8)
     contenders = {}
     for impl in impls:
         trainer = JaxTrainer(model.with_runtime(attention=impl), [batch])
         contenders[f"gist_jax {impl}"] = trainer.step
+    for impl in ("reference", "flash"):
+        trainer = JaxTrainer(model.with_runtime(attention=impl), [packed])
+        contenders[f"gist_jax {impl}, 8 packed per row"] = trainer.step
     torch_device = "cpu"
     try:
         import torch

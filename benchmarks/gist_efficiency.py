@@ -53,7 +53,7 @@ def _prefill(
     """One forward pass of ``ids`` (no padding) appended to ``cache`` under the gist mask:
     the new cache and the next-token logits ``[B, 1, V]``, as a decoder's prefill."""
     model = llama.build_model(config)
-    mask = gist.decoder_self_mask(positions, cache.positions_after_append(positions), first, last)
+    mask = gist.SelfMask(positions, cache.positions_after_append(positions), first, last)
     last_token = jnp.full(ids.shape[:1], ids.shape[1] - 1, jnp.int32)
     return model.apply({"params": params}, ids, positions, mask, cache, logits_at=last_token)
 

@@ -31,6 +31,8 @@ Two layers of API:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Literal
 
 import jax
@@ -260,6 +262,40 @@ def self_attention_mask(
     if q_segments is not None:
         mask = mask & segment_mask(q_segments, k_segments)
     return mask[:, None]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["q_positions", "k_positions", "first", "last", "q_segments", "k_segments"],
+    meta_fields=["condition", "causal"],
+)
+@dataclasses.dataclass(frozen=True)
+class SelfMask:
+    """``self_attention_mask``'s arguments, kept as a value: the per-token fields a fused
+    kernel reads tile by tile (``model.attention="flash"``) instead of a dense mask.
+    ``dense()`` is the mask every other implementation takes."""
+
+    q_positions: ArrayLike
+    k_positions: ArrayLike
+    first: ArrayLike
+    last: ArrayLike
+    q_segments: ArrayLike | None = None
+    k_segments: ArrayLike | None = None
+    condition: Condition = "gist"
+    causal: bool = True
+
+    def dense(self) -> jax.Array:
+        """``bool[B, 1, Q, K]``, as ``self_attention_mask`` builds it."""
+        return self_attention_mask(
+            self.q_positions,
+            self.k_positions,
+            self.first,
+            self.last,
+            self.condition,
+            self.q_segments,
+            self.k_segments,
+            causal=self.causal,
+        )
 
 
 def decoder_self_mask(*args: Any, **kwargs: Any) -> jax.Array:

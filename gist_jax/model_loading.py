@@ -101,6 +101,11 @@ def family_of_run(config: ml_collections.ConfigDict) -> Family:
 def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
     """Model config (with the run's dtype/scan/remat), family and tokenizer."""
     source = config.model.checkpoint
+    if config.model.attention == "flash" and family_of_run(config).name != "llama":
+        raise train_config.ConfigError(
+            "model.attention='flash' serves LLaMA-family models only: T5's relative position "
+            "bias is an additive bias the kernel does not read (use 'cpu' or 'reference')"
+        )
     runtime = _runtime_fields(config)
     if source == train_config.RANDOM_INIT:
         tokenizer = _load_tokenizer(config.model.tokenizer, None)

@@ -61,7 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # "none" | "full" | "dots" (save matmul outputs)
     # How attention is computed (the same function): "cpu" (a hand-written gradient, tuned
     # for XLA:CPU) | "reference" (einsums differentiated by JAX) | "cudnn" (NVIDIA GPUs,
-    # bfloat16; jax.nn.dot_product_attention's fused kernel); models.attention.
+    # bfloat16; jax.nn.dot_product_attention's fused kernel) | "flash" (our Pallas kernel:
+    # no dense mask, masked-out tiles skipped; LLaMA family; interpreted, slowly, on a
+    # CPU); models.attention.
     c.model.attention = "cpu"
 
     c.data = ml_collections.ConfigDict()
@@ -72,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_train_examples = -1  # -1: all (synthetic: its default size)
     c.data.num_gist_tokens = 1  # k; 0 trains the no-gist baseline
     c.data.condition = "gist"  # "gist" | "pos_control" | "neg_control"
+    # Share of training examples (drawn with train.seed) that see their whole prompt, as
+    # under pos_control, with their gist tokens still in the sequence: a mix of conditions
+    # in one model (a lever of docs/results.md). Validation examples are never changed.
+    c.data.visible_fraction = 0.0
     c.data.max_length = 96  # decoder-only: prompt + completion tokens
     c.data.max_source_length = 128  # encoder-decoder
     c.data.max_target_length = 256
@@ -206,6 +212,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(d.condition in gist.CONDITIONS, "data.condition", f"expected one of {gist.CONDITIONS}")
     need(d.num_gist_tokens >= 0, "data.num_gist_tokens", "must be >= 0")
+    need(0 <= d.visible_fraction < 1, "data.visible_fraction", "must be in [0, 1)")
     need(d.max_length >= 2, "data.max_length", "must be >= 2")
     need(d.bucket_multiple >= 1, "data.bucket_multiple", "must be >= 1")
     need(d.pack_open_rows >= 1, "data.pack_open_rows", "must be >= 1")

@@ -124,12 +124,16 @@ def test_cudnn_path_passes_our_layout_and_mask_to_jax(monkeypatch):
 
 
 def test_every_implementation_is_tested():
-    assert set(IMPLEMENTATIONS) == {"reference", "cpu", "cudnn"}
+    # "flash" is tested in tests/test_flash_attention.py.
+    assert set(IMPLEMENTATIONS) == {"reference", "cpu", "cudnn", "flash"}
 
 
 def test_unknown_implementation_is_refused():
     q, k, v, mask, _ = _inputs(1, False)
-    with pytest.raises(ValueError, match="attention implementation 'flash'"):
+    with pytest.raises(ValueError, match="attention implementation 'splash'"):
+        attention(q, *heads_major(k, v), mask, implementation="splash")
+    # "flash" reads the mask's fields, so a dense mask (or a bias) is refused, not guessed.
+    with pytest.raises(ValueError, match=r"needs the mask as a gist\.SelfMask"):
         attention(q, *heads_major(k, v), mask, implementation="flash")
 
 

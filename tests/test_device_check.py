@@ -23,16 +23,27 @@ def test_device_check_smoke_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["tests"]["ok"], result["tests"]
-    assert result["implementations"] == ["reference", "cpu"]  # no cuDNN on a CPU
+    # No cuDNN on a CPU; "flash" runs in Pallas interpret mode.
+    assert result["implementations"] == ["reference", "cpu", "flash"]
     rows = result["train"]["rows"]
-    assert {"gist_jax reference", "gist_jax cpu", "transformers sdpa"} <= set(rows)
+    assert set(rows) == {
+        "gist_jax reference",
+        "gist_jax cpu",
+        "gist_jax flash",
+        "gist_jax reference, 8 packed per row",
+        "gist_jax flash, 8 packed per row",
+        "transformers sdpa",
+    }
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in rows.values())
     for batch in ("1", "4"):
         rates = result["decode"][batch]
         assert set(rates) == {"gist_jax", "gist_jax from gist cache", "transformers generate"}
         assert all(rate > 0 for rate in rates.values())
     memory = result["memory_bytes"]
-    assert set(memory) == {f"{i} {n}" for i in ("reference", "cpu") for n in (64, 128, 256)}
-    # A forward + backward plans more memory for longer rows.
+    impls = ("reference", "cpu", "flash")
+    assert set(memory) == {f"{i} {n}" for i in impls for n in (64, 128, 256)}
+    # A forward + backward plans more memory for longer rows; "flash" grows less (no L x L
+    # tensors), so it plans less than "reference" at the longest.
     assert memory["reference 64"] < memory["reference 128"] < memory["reference 256"]
+    assert memory["flash 256"] < memory["reference 256"]
     assert "| train step |" in proc.stdout and "| forward + backward |" in proc.stdout

@@ -169,6 +169,33 @@ def test_cudnn_attention_is_refused_where_it_cannot_run(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_flash_attention_trains_like_cpu_attention(tmp_path):
+    """Three packed steps (with gradient accumulation) under ``model.attention="flash"``
+    (the Pallas kernel, interpreted on the CPU) log the losses of the "cpu" run."""
+    losses = {}
+    for implementation in ("cpu", "flash"):
+        config = quick_config(
+            "tiny_llama",
+            model__attention=implementation,
+            data__packing=True,
+            train__steps=3,
+            train__grad_accum=2,
+        )
+        workdir = tmp_path / implementation
+        train.train_and_evaluate(config, workdir, devices=jax.devices()[:1], progress_bar=False)
+        losses[implementation] = step_losses(workdir)
+    assert sorted(losses["flash"]) == [1, 2, 3]
+    for step, loss in losses["cpu"].items():
+        assert abs(losses["flash"][step] - loss) < 1e-4 * abs(loss), (step, losses)
+
+
+def test_flash_attention_is_refused_for_t5(tmp_path):
+    config = quick_config("tiny_t5", model__attention="flash")
+    with pytest.raises(train_config.ConfigError, match=r"model.attention='flash' serves LLaMA"):
+        train.train_and_evaluate(config, tmp_path, progress_bar=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_invalid_mesh(tmp_path):
     config = quick_config(mesh__fsdp=3, mesh__data=1, mesh__tensor=1)
     with pytest.raises(shd.MeshError, match=r"data=1, fsdp=3, tensor=1\) has 3 devices but 8"):

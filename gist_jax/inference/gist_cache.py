@@ -212,9 +212,7 @@ def _llama_compress(
             config.head_dim,
             config.compute_dtype,
         )
-        mask = gist.decoder_self_mask(
-            positions, cache.positions_after_append(positions), first, last, "gist"
-        )
+        mask = gist.SelfMask(positions, cache.positions_after_append(positions), first, last)
         _, cache = model.apply({"params": params}, input_ids, positions, mask, cache)
         cache = cache.stacked()
         # Prompts are right padded from position 0, so slot index == position.

@@ -11,7 +11,7 @@ empty slots that no mask lets anyone see); each decode step writes the ``B`` new
 at slot ``end`` with one ``dynamic_update_slice``, while each example's new token gets
 its *own* position (last real prompt position + 1, + 2, ...). So there is no per-example
 scatter and no left padding (which would shift positions or need per-example offsets),
-and the mask is simply ``gist.decoder_self_mask`` of query positions against slot
+and the mask is simply a ``gist.SelfMask`` of query positions against slot
 positions. The same layout serves the gist cache: the ``k`` gist slots of each example
 sit at slots ``0..k-1`` with whatever absolute positions that example's gists had, and
 the input tokens continue at ``last + 1, ...`` -- different per example, same code.
@@ -269,8 +269,8 @@ def _llama_generate(
         def forward(
             ids: jax.Array, pos: jax.Array, cache: KVCache, logits_at: jax.Array | None = None
         ) -> tuple[jax.Array, KVCache]:
-            mask = gist.decoder_self_mask(
-                pos, cache.positions_after_append(pos), first, last, opts.condition
+            mask = gist.SelfMask(
+                pos, cache.positions_after_append(pos), first, last, condition=opts.condition
             )
             return model.apply({"params": params}, ids, pos, mask, cache, logits_at=logits_at)
 

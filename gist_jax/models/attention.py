@@ -18,6 +18,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gist_jax import gist
+from gist_jax.models import flash_attention
+
 # Finite, so a fully masked row softmaxes to a uniform distribution rather than NaN;
 # large enough that exp(masked - unmasked) underflows to exactly 0 in float32.
 MASK_VALUE = -1e30
@@ -28,16 +31,28 @@ MASK_VALUE = -1e30
 #   "cudnn": jax.nn.dot_product_attention's cuDNN fused kernel (NVIDIA GPUs, bfloat16 or
 #     float16 compute). It takes the gist mask as a boolean mask, which JAX turns into a
 #     dense additive bias: fused, but not O(L) in memory.
-IMPLEMENTATIONS = ("reference", "cpu", "cudnn")
+#   "flash": our Pallas kernel (``flash_attention``): tiles computed from the mask's
+#     per-token fields (a ``gist.SelfMask``), masked-out tiles skipped, O(L) memory. No
+#     additive bias (LLaMA-family models only).
+IMPLEMENTATIONS = ("reference", "cpu", "cudnn", "flash")
 # The jax.nn.dot_product_attention backend of each implementation that delegates to it.
 _JAX_BACKENDS = {"cudnn": "cudnn"}
+
+
+def mask_for(mask: jax.Array | gist.SelfMask | None, implementation: str) -> Any:
+    """The form of ``mask`` that ``implementation`` reads: a ``gist.SelfMask`` stays one for
+    "flash" and becomes its dense mask for the others. Models call this once per forward
+    pass, so the dense mask is built once rather than in every layer."""
+    if isinstance(mask, gist.SelfMask) and implementation != "flash":
+        return mask.dense()
+    return mask
 
 
 def attention(
     query: jax.Array,
     keys_t: jax.Array,
     values: jax.Array,
-    mask: jax.Array | None,
+    mask: jax.Array | gist.SelfMask | None,
     *,
     bias: jax.Array | None = None,
     scale: float | None = None,
@@ -49,7 +64,8 @@ def attention(
       query: ``[B, Q, H, D]``.
       keys_t: ``[B, KVH, D, S]`` (keys transposed) and values ``[B, KVH, S, D]``, the
         layout of ``KVCache``; ``H % KVH == 0`` (KVH < H is grouped-query).
-      mask: ``bool[B, 1 or H, Q, S]`` (True = may attend) or None.
+      mask: ``bool[B, 1 or H, Q, S]`` (True = may attend), a ``gist.SelfMask`` (what
+        "flash" needs; the others use its dense form), or None.
       bias: optional additive ``[B or 1, H, Q, S]`` (T5's relative position bias).
       scale: logit scale; ``None`` means ``D ** -0.5``; T5 passes 1.0.
       implementation: one of ``IMPLEMENTATIONS``.
@@ -69,6 +85,14 @@ def attention(
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
     groups = heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
+    if implementation == "flash":
+        if bias is not None or not isinstance(mask, gist.SelfMask):
+            raise ValueError(
+                "model.attention='flash' needs the mask as a gist.SelfMask and no additive "
+                "bias (LLaMA-family self-attention)"
+            )
+        return flash_attention.flash_attention(query, keys_t, values, mask, scale)
+    mask = mask_for(mask, implementation)
     if implementation in _JAX_BACKENDS:
         return _jax_attention(query, keys_t, values, mask, bias, scale, implementation)
     q = query.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)

@@ -132,8 +132,8 @@ class LlamaFamily(Family):
 
     def self_mask(self, batch: Batch, condition: str) -> jax.Array:
         pos, seg = batch["positions"], batch["segment_ids"]
-        return gist.decoder_self_mask(
-            pos, pos, batch["gist_first"], batch["gist_last"], condition, seg, seg
+        return gist.SelfMask(
+            pos, pos, batch["gist_first"], batch["gist_last"], seg, seg, condition=condition
         )
 
     def logits(self, model: nn.Module, params: Any, batch: Batch, condition: str) -> jax.Array:

@@ -11,8 +11,9 @@ Call contract::
         {"params": params}, input_ids, positions, mask, cache=None)
 
 ``positions`` are absolute positions (``-1`` = padding) used for RoPE; ``mask`` is the
-boolean ``[B, 1, Q, K]`` mask from ``gist_jax.gist`` (the model never builds masks from
-token ids); with a ``KVCache`` the call writes its ``Q`` new keys (already rotated) and
+boolean ``[B, 1, Q, K]`` mask from ``gist_jax.gist`` or a ``gist.SelfMask`` (which the
+"flash" attention reads as is and the others turn dense once per call; the model never
+builds masks from token ids); with a ``KVCache`` the call writes its ``Q`` new keys (already rotated) and
 values at ``cache.end`` and attends over the whole cache. Params are float32; ``dtype``
 is the compute dtype; logits are always float32. The optional keyword ``logits_at``
 (``int32[B]``) returns only the logits of that query position per row, ``[B, 1, V]``
@@ -45,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gist_jax import gist
 from gist_jax.models import layers
 from gist_jax.models.attention import (
     HeadMerge,
@@ -52,6 +54,7 @@ from gist_jax.models.attention import (
     KVCache,
     attention,
     heads_major,
+    mask_for,
     write_layer_cache,
 )
 from gist_jax.models.layers import ConfigMethods, RMSNorm, RuntimeFields, Unembed, remat
@@ -339,7 +342,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: jax.Array,
         positions: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | gist.SelfMask,
         cache: KVCache | None = None,
         logits_at: jax.Array | None = None,
         return_hidden: bool = False,
@@ -357,6 +360,7 @@ class LlamaForCausalLM(nn.Module):
         hidden = embed(input_ids.astype(jnp.int32))
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
         rope = rope_tables(positions, cfg)
+        mask = mask_for(mask, cfg.attention)
         end = None if cache is None else cache.end
         layer_cls = remat(DecoderLayer, cfg.remat, cfg.scan_layers)
 
@@ -435,12 +439,14 @@ def output_kernel(params: Mapping[str, Any], config: LlamaConfig) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
-def dummy_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
+def dummy_inputs() -> tuple[jax.Array, jax.Array, gist.SelfMask]:
     """Smallest inputs ``Module.init`` traces the model with (``gist_jax.models.family``)."""
+    positions = jnp.zeros((1, 1), jnp.int32)
+    no_gist = jnp.full((1,), gist.NO_GIST, jnp.int32)
     return (
         jnp.zeros((1, 1), jnp.int32),
-        jnp.zeros((1, 1), jnp.int32),
-        jnp.ones((1, 1, 1, 1), bool),
+        positions,
+        gist.SelfMask(positions, positions, no_gist, no_gist),
     )
 
 

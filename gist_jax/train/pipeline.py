@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gist_jax import model_loading
+from gist_jax import gist, model_loading
 from gist_jax import sharding as shd
 
 
@@ -87,6 +87,10 @@ def build_data(
         )
 
     train_examples, reports = encode(d.train_split, d.num_train_examples)
+    if d.visible_fraction:
+        train_examples = _with_visible_prompts(
+            train_examples, d.visible_fraction, config.train.seed
+        )
     train_iter = iterator(train_examples, config.train.batch_size, train=True)
     evals = {}
     for split in config.eval.splits:
@@ -94,6 +98,16 @@ def build_data(
         reports += rep
         evals[split] = iterator(examples, config.eval.batch_size, train=False)
     return DataSetup(train_iter, evals, encoder.pad_id, reports)
+
+
+def _with_visible_prompts(examples: list[Any], fraction: float, seed: int) -> list[Any]:
+    """``data.visible_fraction``: a seeded share of examples loses its gist span (the span
+    of an example without gist tokens), so every mask lets it see its whole prompt."""
+    chosen = np.random.default_rng(seed).random(len(examples)) < fraction
+    return [
+        dataclasses.replace(e, gist_first=gist.NO_GIST, gist_last=gist.NO_GIST) if pick else e
+        for e, pick in zip(examples, chosen, strict=True)
+    ]
 
 
 def global_batch(
