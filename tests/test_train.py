@@ -15,10 +15,11 @@ from ml_collections import config_flags
 from train_fixtures import REPO, quick_config, step_hook, step_losses
 
 from gist_jax import checkpoint as ckpt_lib
-from gist_jax import data, model_loading, tiny_tokenizer, train, train_config
+from gist_jax import data, gist, model_loading, tiny_tokenizer, train, train_config
 from gist_jax import sharding as shd
 from gist_jax.convert import loading
 from gist_jax.models.family import LLAMA
+from gist_jax.train import pipeline
 from gist_jax.train import step as tstep
 
 
@@ -133,6 +134,28 @@ def _parse_cli(argv: list[str]):
     holder = config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
     values(argv)
     return holder.value
+
+
+def test_visible_fraction_shows_a_seeded_share_of_prompts():
+    """``data.visible_fraction``: that share of training examples loses its gist span (so
+    every mask shows it the whole prompt), the same examples for the same seed; the gist
+    tokens stay in the sequence and validation examples keep their spans."""
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+
+    def setup(fraction: float, seed: int = 0):
+        config = quick_config("tiny_llama", data__visible_fraction=fraction, train__seed=seed)
+        return pipeline.build_data(config, model_loading.load_model(config), mesh)
+
+    plain, mixed, again = setup(0.0), setup(0.3), setup(0.3)
+    train_plain, train_mixed = plain.train.examples, mixed.train.examples
+    visible = [e.gist_first == gist.NO_GIST for e in train_mixed]
+    assert not any(e.gist_first == gist.NO_GIST for e in train_plain)
+    assert 0.25 < np.mean(visible) < 0.35, np.mean(visible)
+    assert visible == [e.gist_first == gist.NO_GIST for e in again.train.examples]
+    for before, after in zip(train_plain, train_mixed, strict=True):
+        np.testing.assert_array_equal(before.prompt, after.prompt)  # gist tokens stay
+    for split, iterator in mixed.evals.items():
+        assert all(e.gist_first != gist.NO_GIST for e in iterator.examples), split
 
 
 def test_cli_overrides_and_unknown_keys():
