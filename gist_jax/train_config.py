@@ -105,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
     # and the first N layers at their pretrained values and never computes their
     # gradients (gist_jax.train.freezing); 0 trains everything.
     c.train.frozen_layers = 0
+    # Comma-separated fragments of parameter paths to leave at their starting values (e.g.
+    # "mlp": every layer's MLP): the optimizer gives them zero updates and keeps no moments;
+    # their gradients are still computed, so this saves no time. "" trains everything.
+    c.train.frozen_params = ""
     # What the step minimises: "lm" (cross-entropy on the completion), "distill" (context
     # distillation: KL(teacher || student), the teacher seeing the whole prompt, the
     # student under data.condition) or "mix" ((1 - w) * lm + w * distill, w =

@@ -155,3 +155,27 @@ def test_impossible_freezing_is_refused_before_anything_is_written(
         train.train_and_evaluate(config, workdir, devices=jax.devices()[:1], progress_bar=False)
     assert message in str(error.value)
     assert not (workdir / "checkpoints").exists()
+
+
+def test_frozen_params_keep_their_values_and_resume_exactly(tmp_path):
+    """``train.frozen_params="mlp"``: every MLP parameter ends where it started, the rest
+    moves, and a run stopped and resumed logs the uninterrupted run's losses."""
+    overrides = {"train__frozen_layers": 0, "train__frozen_params": "mlp"}
+    full = tmp_path / "full"
+    assert _run(full, **overrides).step == 6
+    stopped = tmp_path / "stopped"
+    assert _run(stopped, stop_at_step=3, **overrides).preempted
+    assert _run(stopped, **overrides).resumed_from == 3
+    assert step_losses(stopped) == step_losses(full)
+    early, late = _checkpoint_params(full, 3), _checkpoint_params(full, 6)
+    flat_early = jax.tree_util.tree_leaves_with_path(early)
+    for (path, a), b in zip(flat_early, jax.tree.leaves(late), strict=True):
+        same = np.array_equal(a, b)
+        assert same == ("mlp" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
+
+
+def test_a_frozen_params_fragment_that_matches_nothing_is_refused(tmp_path):
+    config = quick_config("tiny_llama", train__frozen_params="mlp,mpl")
+    with pytest.raises(train_config.ConfigError, match=r"train\.frozen_params: 'mpl' is in no"):
+        train.train_and_evaluate(config, tmp_path / "run", progress_bar=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

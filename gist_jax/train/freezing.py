@@ -72,18 +72,39 @@ def split(params: Mapping[str, Any], frozen: frozenset[str]) -> tuple[Any, dict]
     return trained, fixed
 
 
+def parse_frozen_params(spec: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+    """``train.frozen_params`` as path fragments; raises ``ValueError`` naming a fragment
+    that matches no parameter path (a typo would otherwise freeze nothing, silently)."""
+    fragments = tuple(f.strip() for f in spec.split(",") if f.strip())
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for fragment in fragments:
+        if not any(fragment in path for path in paths):
+            raise ValueError(
+                f"{fragment!r} is in no parameter path (paths look like {paths[len(paths) // 2]})"
+            )
+    return fragments
+
+
 def restrict_optimizer(
-    optimizer: optax.GradientTransformation, params: Mapping[str, Any], frozen: frozenset[str]
+    optimizer: optax.GradientTransformation,
+    params: Mapping[str, Any],
+    frozen: frozenset[str],
+    frozen_paths: tuple[str, ...] = (),
 ) -> optax.GradientTransformation:
     """``optimizer`` for the trained parameters and zero updates (no state) for the frozen
-    ones; ``optimizer`` itself when nothing is frozen. ``params`` may be abstract: only its
-    structure is used (the labels must be a static tree for ``optax.tree_map_params``)."""
-    if not frozen:
+    ones: the top-level modules in ``frozen`` and every parameter whose path contains one of
+    ``frozen_paths``; ``optimizer`` itself when nothing is frozen. ``params`` may be
+    abstract: only its structure is used (the labels must be a static tree for
+    ``optax.tree_map_params``)."""
+    if not frozen and not frozen_paths:
         return optimizer
-    labels = {
-        name: jax.tree.map(lambda _, label=(FROZEN if name in frozen else TRAINED): label, sub)
-        for name, sub in params.items()
-    }
+
+    def label(path: tuple, _: Any) -> str:
+        text = jax.tree_util.keystr(path)
+        held = path[0].key in frozen or any(f in text for f in frozen_paths)
+        return FROZEN if held else TRAINED
+
+    labels = jax.tree_util.tree_map_with_path(label, dict(params))
     return optax.multi_transform({TRAINED: optimizer, FROZEN: optax.set_to_zero()}, labels)
 
 

@@ -251,6 +251,10 @@ def _train_and_evaluate(
         frozen = freezing.frozen_modules(abstract_params.keys(), config.train.frozen_layers)
     except ValueError as e:
         raise train_config.ConfigError(f"train.frozen_layers: {e}") from None
+    try:
+        frozen_paths = freezing.parse_frozen_params(config.train.frozen_params, abstract_params)
+    except ValueError as e:
+        raise train_config.ConfigError(f"train.frozen_params: {e}") from None
     model_config_dict = loaded.config.to_dict()
     distributed.check_same(_flat_config(model_config_dict, "model_config."), "model configs")
     ckpt_lib.check_model_config(workdir, model_config_dict, write=False)
@@ -279,7 +283,7 @@ def _train_and_evaluate(
         b2=config.train.b2,
         eps=config.train.eps,
     )
-    optimizer = freezing.restrict_optimizer(optimizer, abstract_params, frozen)
+    optimizer = freezing.restrict_optimizer(optimizer, abstract_params, frozen, frozen_paths)
     abstract = ts.abstract_state(abstract_params, optimizer)
     shardings = ts.state_shardings(abstract, logical_axes, mesh, optimizer)
     target = ts.with_shardings(abstract, shardings)
@@ -313,6 +317,11 @@ def _train_and_evaluate(
             f"train.frozen_layers={config.train.frozen_layers}: training "
             f"{ts.param_count(trained_params):,} params; the embedding and layers_0.."
             f"layers_{config.train.frozen_layers - 1} stay frozen"
+        )
+    if frozen_paths:
+        logger.message(
+            f"train.frozen_params={config.train.frozen_params!r}: parameters whose path "
+            f"contains {' or '.join(frozen_paths)} keep their starting values"
         )
     for line in data_setup.reports:
         logger.message(f"data: {line}")
