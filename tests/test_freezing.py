@@ -172,6 +172,9 @@ def test_frozen_params_keep_their_values_and_resume_exactly(tmp_path):
     for (path, a), b in zip(flat_early, jax.tree.leaves(late), strict=True):
         same = np.array_equal(a, b)
         assert same == ("mlp" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
+    # Resuming with another set of frozen params is refused (the optimizer state differs).
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"train\.frozen_params"):
+        _run(full, train__steps=8, train__frozen_layers=0, train__frozen_params="")
 
 
 def test_a_frozen_params_fragment_that_matches_nothing_is_refused(tmp_path):
