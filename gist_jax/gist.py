@@ -26,7 +26,9 @@ Two layers of API:
   users and tests (``bool[B, 1, L, L]`` / ``bool[B, 1, 1, L]``).
 * ``gist_spans`` + ``span_mask`` / ``span_cross_mask``: the jit-friendly form used by
   the models, train step and decoder; ``causal_mask`` and ``key_padding_mask`` are the
-  other factors they AND in.
+  other factors they AND in. ``SelfMask`` holds a self-attention mask's fields as one
+  value (what the "flash" attention reads) and builds the dense mask (``dense()``);
+  ``decoder_self_mask`` / ``encoder_self_mask`` / ``cross_mask`` return dense masks.
 """
 
 from __future__ import annotations
@@ -203,65 +205,34 @@ def make_gist_mask(
     gist_token_id: int,
     pad_token_id: int | None = None,
     condition: Condition = "gist",
+    *,
+    cross: bool = False,
 ) -> jax.Array:
-    """Dense, non-causal gist self-attention mask ``bool[B, 1, L, L]`` from token ids.
+    """Dense, non-causal gist self-attention mask ``bool[B, 1, L, L]`` from token ids, or
+    with ``cross=True`` the decoder's cross-attention mask over encoder positions
+    (``bool[B, 1, 1, L]``, ``make_cross_attention_mask``).
 
     Keys that are padding (``input_ids == pad_token_id``) are masked out; decoder-only
-    models AND a causal mask on top. Examples without a gist token are unmasked.
-    Raises ``ValueError`` for non-contiguous gist tokens (concrete inputs).
+    models AND a causal mask on top. Examples without a gist token are unmasked (so a
+    cross mask is never all-zero). Raises ``ValueError`` for non-contiguous gist tokens
+    (concrete inputs).
     """
     xp = _xp(input_ids)
     ids = xp.asarray(input_ids)
     first, last = gist_spans(input_ids, gist_token_id)
     positions = xp.broadcast_to(xp.arange(ids.shape[-1]), ids.shape)
-    mask = span_mask(positions, positions, first, last, condition)
+    if cross:
+        mask = span_cross_mask(positions, first, last, condition)
+    else:
+        mask = span_mask(positions, positions, first, last, condition)
     mask = mask & key_padding_mask(_valid_keys(ids, pad_token_id))
     return mask[:, None]
 
 
-def make_cross_attention_mask(
-    input_ids: ArrayLike,
-    gist_token_id: int,
-    pad_token_id: int | None = None,
-    condition: Condition = "gist",
-) -> jax.Array:
-    """Decoder cross-attention mask over encoder positions, ``bool[B, 1, 1, L]``.
-
-    Always ANDed with non-padding keys, and never all-zero for an example whose gist
-    tokens are absent (it then sees every real encoder token).
-    """
-    xp = _xp(input_ids)
-    ids = xp.asarray(input_ids)
-    first, last = gist_spans(input_ids, gist_token_id)
-    positions = xp.broadcast_to(xp.arange(ids.shape[-1]), ids.shape)
-    mask = span_cross_mask(positions, first, last, condition)
-    mask = mask & key_padding_mask(_valid_keys(ids, pad_token_id))
-    return mask[:, None]
-
-
-def self_attention_mask(
-    q_positions: ArrayLike,
-    k_positions: ArrayLike,
-    first: ArrayLike,
-    last: ArrayLike,
-    condition: Condition = "gist",
-    q_segments: ArrayLike | None = None,
-    k_segments: ArrayLike | None = None,
-    *,
-    causal: bool,
-) -> jax.Array:
-    """A self-attention mask ``bool[B, 1, Q, K]``: gist rule AND key is real (position
-    ``>= 0``; ``-1`` marks padding or an empty cache slot) AND, for packed rows, same
-    segment, AND causal for a decoder. Serves training, prefill, decode steps and decoding
-    from a gist cache alike, since positions are absolute in every case."""
-    xp = _xp(q_positions, k_positions, first, last)
-    k_real = xp.asarray(k_positions) >= 0
-    mask = span_mask(q_positions, k_positions, first, last, condition) & key_padding_mask(k_real)
-    if causal:
-        mask = mask & causal_mask(q_positions, k_positions)
-    if q_segments is not None:
-        mask = mask & segment_mask(q_segments, k_segments)
-    return mask[:, None]
+def make_cross_attention_mask(*args: Any, **kwargs: Any) -> jax.Array:
+    """The T5 decoder's cross-attention mask from encoder token ids: ``make_gist_mask``'s
+    arguments, ``bool[B, 1, 1, L]``."""
+    return make_gist_mask(*args, **kwargs, cross=True)
 
 
 @functools.partial(
@@ -271,42 +242,47 @@ def self_attention_mask(
 )
 @dataclasses.dataclass(frozen=True)
 class SelfMask:
-    """``self_attention_mask``'s arguments, kept as a value: the per-token fields a fused
-    kernel reads tile by tile (``model.attention="flash"``) instead of a dense mask.
-    ``dense()`` is the mask every other implementation takes."""
+    """A self-attention mask kept as the per-token fields it is computed from: query and
+    key positions (``-1`` marks padding or an empty cache slot), the gist span per example
+    ``[B]`` or per query ``[B, Q]``, optional segment ids of packed rows, the condition,
+    and whether it is causal (a decoder) or not (an encoder).
+
+    ``dense()`` is the ``bool[B, 1, Q, K]`` mask: gist rule AND key is real AND, for packed
+    rows, same segment, AND causal for a decoder. It serves training, prefill, decode steps
+    and decoding from a gist cache alike, since positions are absolute in every case. The
+    "flash" attention reads the fields tile by tile instead and never builds it.
+    """
 
     q_positions: ArrayLike
     k_positions: ArrayLike
     first: ArrayLike
     last: ArrayLike
+    condition: Condition = "gist"
     q_segments: ArrayLike | None = None
     k_segments: ArrayLike | None = None
-    condition: Condition = "gist"
     causal: bool = True
 
     def dense(self) -> jax.Array:
-        """``bool[B, 1, Q, K]``, as ``self_attention_mask`` builds it."""
-        return self_attention_mask(
-            self.q_positions,
-            self.k_positions,
-            self.first,
-            self.last,
-            self.condition,
-            self.q_segments,
-            self.k_segments,
-            causal=self.causal,
-        )
+        xp = _xp(self.q_positions, self.k_positions, self.first, self.last)
+        q_pos, k_pos = self.q_positions, self.k_positions
+        k_real = key_padding_mask(xp.asarray(k_pos) >= 0)
+        mask = span_mask(q_pos, k_pos, self.first, self.last, self.condition) & k_real
+        if self.causal:
+            mask = mask & causal_mask(q_pos, k_pos)
+        if self.q_segments is not None:
+            mask = mask & segment_mask(self.q_segments, self.k_segments)
+        return mask[:, None]
 
 
 def decoder_self_mask(*args: Any, **kwargs: Any) -> jax.Array:
-    """The decoder-only (LLaMA) self-attention mask: ``self_attention_mask``, causal."""
-    return self_attention_mask(*args, **kwargs, causal=True)
+    """The decoder-only (LLaMA) self-attention mask: ``SelfMask(...).dense()``, causal."""
+    return SelfMask(*args, **kwargs, causal=True).dense()
 
 
 def encoder_self_mask(*args: Any, **kwargs: Any) -> jax.Array:
-    """The bidirectional (T5 encoder) self-attention mask: ``self_attention_mask``, not
+    """The bidirectional (T5 encoder) self-attention mask: ``SelfMask(...).dense()``, not
     causal."""
-    return self_attention_mask(*args, **kwargs, causal=False)
+    return SelfMask(*args, **kwargs, causal=False).dense()
 
 
 def cross_mask(

@@ -46,7 +46,7 @@ def _packed_mask(num_gist: int, condition: str, packed: bool, seed: int = 0) -> 
                 first[row, start:end], last[row, start:end] = at, at + num_gist - 1
             start = end
     return gist.SelfMask(
-        positions, positions, first, last, segments, segments, condition=condition, causal=True
+        positions, positions, first, last, condition, q_segments=segments, k_segments=segments
     )
 
 
@@ -120,9 +120,9 @@ def test_flash_unblocked_lengths_and_default_tiles():
             np.asarray(f)[:, :cut]
             for f in (mask.q_positions, mask.k_positions, mask.first, mask.last)
         ),
-        mask.q_segments[:, :cut],
-        mask.k_segments[:, :cut],
         condition="gist",
+        q_segments=mask.q_segments[:, :cut],
+        k_segments=mask.k_segments[:, :cut],
     )
     q, keys_t, values = _qkv(2, jnp.float32)
     q, keys_t, values = q[:, :cut], keys_t[..., :cut], values[:, :, :cut]

@@ -47,7 +47,7 @@ def _mask(length: int, examples: int, condition: str) -> gist.SelfMask:
     segments = np.repeat(np.arange(1, examples + 1, dtype=np.int32), size)[None]
     first = np.full((1, length), size // 8, np.int32)
     last = first + 1
-    return gist.SelfMask(positions, positions, first, last, segments, segments, condition)
+    return gist.SelfMask(positions, positions, first, last, condition, segments, segments)
 
 
 def skip(length: int) -> None:

@@ -132,9 +132,7 @@ class LlamaFamily(Family):
 
     def self_mask(self, batch: Batch, condition: str) -> jax.Array:
         pos, seg = batch["positions"], batch["segment_ids"]
-        return gist.SelfMask(
-            pos, pos, batch["gist_first"], batch["gist_last"], seg, seg, condition=condition
-        )
+        return gist.SelfMask(pos, pos, batch["gist_first"], batch["gist_last"], condition, seg, seg)
 
     def logits(self, model: nn.Module, params: Any, batch: Batch, condition: str) -> jax.Array:
         mask = self.self_mask(batch, condition)

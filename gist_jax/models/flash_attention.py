@@ -131,7 +131,7 @@ class _Static(NamedTuple):
 
 
 def _visible(q_fields: tuple, k_fields: tuple, condition: str, causal: bool) -> jax.Array:
-    """``bool[bq, bk]`` for one tile: ``gist.self_attention_mask``'s rule, written on the
+    """``bool[bq, bk]`` for one tile: ``gist.SelfMask.dense``'s rule, written on the
     tile's fields (queries ``[bq, 1]`` each, keys ``[1, bk]`` each)."""
     q_pos, q_seg, first, last = q_fields
     k_pos, k_seg = k_fields
