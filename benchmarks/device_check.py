@@ -156,6 +156,10 @@ def run_tests(smoke: bool) -> dict[str, Any]:
     env = dict(os.environ)
     if not smoke:
         env["JAX_PLATFORMS"] = jax.default_backend()
+        # The tests compare float32 results at 1e-5: no TF32 in XLA's or torch's products
+        # (both may use it on Ampere and later GPUs by default).
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+        env["NVIDIA_TF32_OVERRIDE"] = "0"
     tests = DEVICE_TESTS[:1] if smoke else DEVICE_TESTS
     start = time.perf_counter()
     proc = subprocess.run(
