@@ -78,6 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
     # under pos_control, with their gist tokens still in the sequence: a mix of conditions
     # in one model (a lever of docs/results.md). Validation examples are never changed.
     c.data.visible_fraction = 0.0
+    # Other instruction data mixed into training (a lever of docs/results.md): mix_examples
+    # training examples of mix_source (a synthetic suite or an Alpaca+ directory), leaving
+    # out examples whose task uses one of mix_exclude_tasks (comma-separated task names,
+    # e.g. the ones that would teach a held-out operation). "" / 0: no mix.
+    c.data.mix_source = ""
+    c.data.mix_examples = 0
+    c.data.mix_exclude_tasks = ""
     c.data.max_length = 96  # decoder-only: prompt + completion tokens
     c.data.max_source_length = 128  # encoder-decoder
     c.data.max_target_length = 256
@@ -217,6 +224,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(d.condition in gist.CONDITIONS, "data.condition", f"expected one of {gist.CONDITIONS}")
     need(d.num_gist_tokens >= 0, "data.num_gist_tokens", "must be >= 0")
     need(0 <= d.visible_fraction < 1, "data.visible_fraction", "must be in [0, 1)")
+    need(d.mix_examples >= 0, "data.mix_examples", "must be >= 0")
+    need(
+        bool(d.mix_source) == (d.mix_examples > 0),
+        "data.mix_examples",
+        f"set data.mix_source and data.mix_examples together (mix_source={d.mix_source!r})",
+    )
     need(d.max_length >= 2, "data.max_length", "must be >= 2")
     need(d.bucket_multiple >= 1, "data.bucket_multiple", "must be >= 1")
     need(d.pack_open_rows >= 1, "data.pack_open_rows", "must be >= 1")

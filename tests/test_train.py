@@ -158,6 +158,35 @@ def test_visible_fraction_shows_a_seeded_share_of_prompts():
         assert all(e.gist_first != gist.NO_GIST for e in iterator.examples), split
 
 
+def test_mix_source_adds_examples_without_the_excluded_tasks(tmp_path):
+    """``data.mix_*``: that many training examples of another suite join the training set
+    (validation is untouched), none of an excluded task; half a setting is refused."""
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    mix = {"data__mix_source": "synthetic_v2", "data__mix_exclude_tasks": "add_each,sum_numbers"}
+
+    def setup(**overrides):
+        config = quick_config("tiny_llama", **overrides)
+        return pipeline.build_data(config, model_loading.load_model(config), mesh)
+
+    plain, mixed = setup(), setup(data__mix_examples=60, **mix)
+    assert len(mixed.train.examples) == len(plain.train.examples) + 60
+    assert [len(it.examples) for it in mixed.evals.values()] == [
+        len(it.examples) for it in plain.evals.values()
+    ]
+    reports = "\n".join(mixed.reports)
+    assert "synthetic_v2:train: mixed in 60 examples (left out tasks: add_each, sum_numbers)" in (
+        reports
+    )
+    config = quick_config("tiny_llama", data__mix_examples=60, **mix)
+    extra, _ = pipeline._mix_examples(config.data, "train", seed=0)
+    tasks = {t for e in extra for t in e["task"].split("+")}
+    assert len(extra) == 60 and not tasks & {"add_each", "sum_numbers"} and len(tasks) > 10
+    with pytest.raises(train_config.ConfigError, match=r"data\.mix_examples"):
+        train.train_and_evaluate(
+            quick_config("tiny_llama", data__mix_source="synthetic_v2"), tmp_path / "run"
+        )
+
+
 def test_cli_overrides_and_unknown_keys():
     path = str(REPO / "configs" / "tiny_llama.py")
     config = _parse_cli([f"--config={path}", "--config.train.lr=3e-5"])

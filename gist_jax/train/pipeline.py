@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gist_jax import gist, model_loading
+from gist_jax import gist, model_loading, train_config
 from gist_jax import sharding as shd
 
 
@@ -49,10 +49,14 @@ def build_data(
         d.max_length if decoder_only else (d.max_source_length, d.max_target_length)
     )
 
-    def encode(split: str, num: int) -> tuple[list[Any], list[str]]:
+    def encode(split: str, num: int, mix: bool = False) -> tuple[list[Any], list[str]]:
         examples, load_report = data.load_examples(
             d.source, split, num_examples=None if num < 0 else num, seed=config.train.seed
         )
+        notes = [load_report.summary()]
+        if mix and d.mix_source:
+            extra, note = _mix_examples(d, split, config.train.seed)
+            examples, notes = examples + extra, [*notes, note]
         if decoder_only:
             encoded, trunc = data.encode_decoder_examples(
                 examples, loaded.tokenizer, d.num_gist_tokens, d.max_length, encoder=encoder
@@ -66,7 +70,7 @@ def build_data(
                 d.max_target_length,
                 encoder=encoder,
             )
-        return encoded, [load_report.summary(), f"{split}: {trunc.summary()}"]
+        return encoded, [*notes, f"{split}: {trunc.summary()}"]
 
     def iterator(examples: list[Any], batch: int, train: bool) -> Any:
         index, count = _host_slice_args(mesh, batch)
@@ -86,7 +90,7 @@ def build_data(
             pack_open_rows=d.pack_open_rows,
         )
 
-    train_examples, reports = encode(d.train_split, d.num_train_examples)
+    train_examples, reports = encode(d.train_split, d.num_train_examples, mix=True)
     if d.visible_fraction:
         train_examples = _with_visible_prompts(
             train_examples, d.visible_fraction, config.train.seed
@@ -98,6 +102,27 @@ def build_data(
         reports += rep
         evals[split] = iterator(examples, config.eval.batch_size, train=False)
     return DataSetup(train_iter, evals, encoder.pad_id, reports)
+
+
+def _mix_examples(d: ml_collections.ConfigDict, split: str, seed: int) -> tuple[list[Any], str]:
+    """``data.mix_*``: ``mix_examples`` training examples of ``mix_source`` without the
+    excluded tasks (an example's ``task`` is its op names joined by "+"), and a report line."""
+    from gist_jax import data
+
+    excluded = {t.strip() for t in d.mix_exclude_tasks.split(",") if t.strip()}
+    # Draw extra examples so that the excluded ones can be dropped and mix_examples remain.
+    pool, _ = data.load_examples(d.mix_source, split, num_examples=4 * d.mix_examples, seed=seed)
+    kept = [e for e in pool if not excluded & set(str(e.get("task", "")).split("+"))]
+    if len(kept) < d.mix_examples:
+        raise train_config.ConfigError(
+            f"data.mix_source={d.mix_source!r}: only {len(kept)} {split} examples left after "
+            f"data.mix_exclude_tasks; data.mix_examples={d.mix_examples}"
+        )
+    note = (
+        f"{d.mix_source}:{split}: mixed in {d.mix_examples} examples "
+        f"(left out tasks: {', '.join(sorted(excluded)) or 'none'})"
+    )
+    return kept[: d.mix_examples], note
 
 
 def _with_visible_prompts(examples: list[Any], fraction: float, seed: int) -> list[Any]:
