@@ -59,8 +59,9 @@ def _pad(x: jax.Array, axis: int, multiple: int, value: Any = 0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _per_query(x: jax.Array | None, shape: tuple[int, int], fill: int) -> jax.Array:
-    """A mask field as ``int32[B, Q]``: per-example spans ``[B]`` broadcast, None filled."""
+def _field(x: jax.Array | None, shape: tuple[int, int], fill: int) -> jax.Array:
+    """A mask field as ``int32[B, N]`` (N queries or keys): per-example spans ``[B]``
+    broadcast, a missing field (no segments) filled."""
     if x is None:
         return jnp.full(shape, fill, jnp.int32)
     x = jnp.asarray(x, jnp.int32)
@@ -95,10 +96,10 @@ def flash_attention(
     q = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * q_pad, head_dim)
     shape = (batch, q_len)
     q_fields = [
-        _per_query(mask.q_positions, shape, -1),
-        _per_query(mask.q_segments, shape, 0),
-        _per_query(mask.first, shape, gist.NO_GIST),
-        _per_query(mask.last, shape, gist.NO_GIST),
+        _field(mask.q_positions, shape, -1),
+        _field(mask.q_segments, shape, 0),
+        _field(mask.first, shape, gist.NO_GIST),
+        _field(mask.last, shape, gist.NO_GIST),
     ]
     q_meta = jnp.stack([_pad(f, 1, bq, -1) for f in q_fields], axis=1)
     q_meta = jnp.tile(q_meta, (1, 1, groups))  # [B, 4, G * Qp]
@@ -106,8 +107,8 @@ def flash_attention(
     k_shape = (batch, s_len)
     k_meta = jnp.stack(
         [
-            _pad(_per_query(mask.k_positions, k_shape, -1), 1, bk, -1),
-            _pad(_per_query(mask.k_segments, k_shape, 0), 1, bk, -1),
+            _pad(_field(mask.k_positions, k_shape, -1), 1, bk, -1),
+            _pad(_field(mask.k_segments, k_shape, 0), 1, bk, -1),
         ],
         axis=1,
     )  # [B, 2, Sp]
