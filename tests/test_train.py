@@ -181,6 +181,13 @@ def test_mix_source_adds_examples_without_the_excluded_tasks(tmp_path):
     extra, _ = pipeline._mix_examples(config.data, "train", seed=0)
     tasks = {t for e in extra for t in e["task"].split("+")}
     assert len(extra) == 60 and not tasks & {"add_each", "sum_numbers"} and len(tasks) > 10
+    typo = quick_config(
+        "tiny_llama", data__mix_examples=60, **{**mix, "data__mix_exclude_tasks": "add_eahc"}
+    )
+    with pytest.raises(
+        train_config.ConfigError, match=r"no synthetic_v2 example has task\(s\) \['add_eahc'\]"
+    ):
+        pipeline._mix_examples(typo.data, "train", seed=0)
     with pytest.raises(train_config.ConfigError, match=r"data\.mix_examples"):
         train.train_and_evaluate(
             quick_config("tiny_llama", data__mix_source="synthetic_v2"), tmp_path / "run"

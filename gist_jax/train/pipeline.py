@@ -112,7 +112,13 @@ def _mix_examples(d: ml_collections.ConfigDict, split: str, seed: int) -> tuple[
     excluded = {t.strip() for t in d.mix_exclude_tasks.split(",") if t.strip()}
     # Draw extra examples so that the excluded ones can be dropped and mix_examples remain.
     pool, _ = data.load_examples(d.mix_source, split, num_examples=4 * d.mix_examples, seed=seed)
-    kept = [e for e in pool if not excluded & set(str(e.get("task", "")).split("+"))]
+    tasks = [set(str(e.get("task", "")).split("+")) for e in pool]
+    unknown = excluded - set().union(*tasks)
+    if unknown:  # a misspelt task would leave out nothing, silently
+        raise train_config.ConfigError(
+            f"data.mix_exclude_tasks: no {d.mix_source} example has task(s) {sorted(unknown)}"
+        )
+    kept = [e for e, t in zip(pool, tasks, strict=True) if not excluded & t]
     if len(kept) < d.mix_examples:
         raise train_config.ConfigError(
             f"data.mix_source={d.mix_source!r}: only {len(kept)} {split} examples left after "
