@@ -1,0 +1,61 @@
+"""Paired per-example ROUGE-L differences between two runs' predictions of the same
+condition on the same examples (e.g. a control model trained with and without a change):
+mean +- standard error per split, from ``gist_jax.metrics.rouge_l_scores``. Behind the
+paired control rows of docs/results.md section 8.
+
+    python -m benchmarks.probes.paired_models --new=NEW/predictions.jsonl \\
+        --old=docs/results/synthetic_v3/k2_seed0/predictions.jsonl \\
+        [--conditions=gist,pos_control,neg_control] [--new_condition=pos_control]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from gist_jax.metrics import rouge_l_scores
+
+
+def _scores(path: str, condition: str) -> dict[str, tuple[list[tuple[str, str]], np.ndarray]]:
+    """split -> (the examples' (instruction, input) in file order, ROUGE-L x 100)."""
+    rows: dict[str, list[dict]] = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row["condition"] == condition:
+                rows.setdefault(row["split"], []).append(row)
+    out = {}
+    for split, items in rows.items():
+        scores = rouge_l_scores([r["prediction"] for r in items], [r["reference"] for r in items])
+        out[split] = ([(r["instruction"], r["input"]) for r in items], 100 * np.asarray(scores))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new", required=True)
+    parser.add_argument("--old", required=True)
+    parser.add_argument("--conditions", default="gist,pos_control,neg_control")
+    parser.add_argument("--new_condition", default=None, help="the new file's condition, if other")
+    args = parser.parse_args()
+    print("| condition | split | new | old | paired new - old |")
+    print("|---|---|---|---|---|")
+    for condition in args.conditions.split(","):
+        new = _scores(args.new, args.new_condition or condition)
+        old = _scores(args.old, condition)
+        for split in sorted(set(new) & set(old)):
+            (new_keys, a), (old_keys, b) = new[split], old[split]
+            if new_keys != old_keys:
+                raise SystemExit(f"{split}: the two files hold different examples")
+            d = a - b
+            se = d.std(ddof=1) / np.sqrt(len(d))
+            print(
+                f"| {condition} | {split} | {a.mean():.1f} | {b.mean():.1f} | "
+                f"{d.mean():+.1f} +- {se:.1f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
