@@ -17,17 +17,15 @@ import jax
 import numpy as np
 
 from gist_jax.convert import common
-from gist_jax.models.layers import stack_layers
+from gist_jax.models.family import config_from_dict, family_of
 
 
-def _stacked(params: Any, num_layers: int) -> Any:
-    """Params with any per-layer ``layers_i`` groups stacked (the scanned layout), so that
-    a training export (unrolled) and a conversion (scanned) line up leaf by leaf."""
-    if isinstance(params, dict):
-        if "layers_0" in params:
-            return stack_layers(params, num_layers)
-        return {k: _stacked(v, num_layers) for k, v in params.items()}
-    return params
+def _scanned(directory: pathlib.Path) -> Any:
+    """The params of a converted checkpoint in the scanned layout, whatever it was saved in
+    (a training export is unrolled, a conversion scanned), so two line up leaf by leaf."""
+    config = config_from_dict(common.read_model_config(directory))
+    params = common.load_params(directory / common.PARAMS_DIR)
+    return family_of(config).relayout_params(params, config, scan_layers=True)
 
 
 def main() -> None:
@@ -41,9 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     tuned_dir, start_dir = pathlib.Path(args.tuned), pathlib.Path(args.start).expanduser()
     config = dict(common.read_model_config(tuned_dir), scan_layers=True)
-    layers = config["num_hidden_layers"]
-    tuned = _stacked(common.load_params(tuned_dir / common.PARAMS_DIR), layers)
-    start = _stacked(common.load_params(start_dir / common.PARAMS_DIR), layers)
+    tuned, start = _scanned(tuned_dir), _scanned(start_dir)
 
     def mix(a: Any, b: Any) -> np.ndarray:
         a, b = np.asarray(a), np.asarray(b)

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from gist_jax import gist
-from gist_jax.models import flash_attention
 
 # Finite, so a fully masked row softmaxes to a uniform distribution rather than NaN;
 # large enough that exp(masked - unmasked) underflows to exactly 0 in float32.
@@ -91,7 +90,10 @@ def attention(
                 "model.attention='flash' needs the mask as a gist.SelfMask and no additive "
                 "bias (LLaMA-family self-attention)"
             )
-        return flash_attention.flash_attention(query, keys_t, values, mask, scale)
+        # Imported here: the kernel module reads this module's MASK_VALUE.
+        from gist_jax.models.flash_attention import flash_attention
+
+        return flash_attention(query, keys_t, values, mask, scale)
     mask = mask_for(mask, implementation)
     if implementation in _JAX_BACKENDS:
         return _jax_attention(query, keys_t, values, mask, bias, scale, implementation)

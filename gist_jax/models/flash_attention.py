@@ -35,8 +35,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from gist_jax import gist
+from gist_jax.models.attention import MASK_VALUE
 
-MASK_VALUE = -1e30  # as ``attention.MASK_VALUE``: finite, and exp() of it underflows to 0
 BLOCK = 128  # query and key rows per tile (capped at the padded sequence length)
 MIN_BLOCK = 16  # Triton's smallest matrix-product tile
 _F32 = jnp.float32
