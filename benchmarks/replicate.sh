@@ -21,9 +21,9 @@ for k in 2 5; do
     --config.quickstart.controls=masked --config.eval.conditions="('gist',)" \
     --config.quickstart.export_hf=False --workdir="$WORK/alpaca_k$k"
 done
-python -m gist_jax.replication --run=k1="$WORK/alpaca_k1" --run=k2="$WORK/alpaca_k2" \
+python -m benchmarks.replication --run=k1="$WORK/alpaca_k1" --run=k2="$WORK/alpaca_k2" \
   --run=k5="$WORK/alpaca_k5" --out="$OUT/alpaca_plus"
 
 # 2. The encoder-decoder path: a small T5 trained from scratch on the synthetic suite.
 python -m gist_jax.quickstart --config=configs/synthetic_t5_cpu.py --workdir="$WORK/t5_synthetic"
-python -m gist_jax.replication --run=k1="$WORK/t5_synthetic" --out="$OUT/t5_synthetic"
+python -m benchmarks.replication --run=k1="$WORK/t5_synthetic" --out="$OUT/t5_synthetic"

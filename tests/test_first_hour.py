@@ -96,8 +96,8 @@ _MISTAKES = {
         ["--checkpoint=default", f"--prompts={_MISSING}/p.jsonl", "--store={tmp}/store"],
         _MISSING,
     ),
-    "gist-replication-report missing run": (
-        "gist_jax.replication",
+    "replication missing run": (
+        "benchmarks.replication",
         [f"--run=a={_MISSING}", "--out={tmp}/report"],
         _MISSING,
     ),

@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gist_jax import evaluate, gap, gist, quickstart, replication, train_config
+from benchmarks import replication
+from gist_jax import evaluate, gap, gist, quickstart, train_config
 from gist_jax.convert import loading
 from gist_jax.models import llama
 from gist_jax.train.metrics_log import read_metrics

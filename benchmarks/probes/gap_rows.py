@@ -1,6 +1,6 @@
 """Gap shares of a gist model against controls evaluated in other runs: the checkpoint and
 equal-budget rows of docs/results.md section 4, whose three models were not decoded in one
-quickstart (``gist-replication-report`` covers rows that were).
+quickstart (``benchmarks.replication`` covers rows that were).
 
     python -m benchmarks.probes.gap_rows --pos=P.jsonl --neg=N.jsonl --gist=G.jsonl
 

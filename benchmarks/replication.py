@@ -1,8 +1,8 @@
-"""The replication report: several quickstart workdirs (one per number of gist tokens k)
+"""The replication report (a tool beside the package, run from the checkout root): several quickstart workdirs (one per number of gist tokens k)
 turned into the paper's results table, the share of the pos-neg gap that gist recovers,
 training curves and an evaluation chart (what ``docs/results.md`` shows).
 
-    python -m gist_jax.replication --run=k1=workdirs/alpaca/k1 --run=k2=workdirs/alpaca/k2 \\
+    python -m benchmarks.replication --run=k1=workdirs/alpaca/k1 --run=k2=workdirs/alpaca/k2 \\
         --run=k5=workdirs/alpaca/k5 --out=docs/results/alpaca_plus
 
 Each run is a ``gist_jax.quickstart`` workdir: ``results/metrics.json`` (split ->
@@ -440,7 +440,7 @@ def run() -> None:
     flags.DEFINE_multi_string("run", [], "LABEL=WORKDIR of a finished quickstart run.")
     flags.DEFINE_string("out", None, "Directory for table.md, results.json and the plots.")
     flags.mark_flags_as_required(["run", "out"])
-    run_app(main, "gist-replication-report")
+    run_app(main, "replication")
 
 
 if __name__ == "__main__":
