@@ -118,7 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
-    # One CPU device: activation sharding constraints would only add a probe and a warning.
+    # One CPU device: activation sharding constraints have nothing to place.
     c.mesh.constrain_activations = False
     c.eval.splits = ("validation_seen", "validation_recombined", "validation_unseen")
     c.eval.num_examples = 200

@@ -140,8 +140,6 @@ def base_config() -> ml_collections.ConfigDict:
     # many such steps in a row stop the run with an error, keeping the last checkpoint
     # written before them.
     c.train.max_nonfinite_steps = 5
-    # Fault injection for tests: steps (1 = the first update) whose loss is made NaN.
-    c.train.inject_nonfinite_steps = ()
     c.train.export = True  # write WORKDIR/export (a converted checkpoint dir) at the end
 
     c.mesh = ml_collections.ConfigDict()
@@ -185,11 +183,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "train.frozen_layers",
             "needs model.scan_layers=False (frozen layers are whole unrolled modules)",
         )
-    need(
-        all(isinstance(s, int) and s >= 1 for s in t.inject_nonfinite_steps),
-        "train.inject_nonfinite_steps",
-        "expected step numbers >= 1",
-    )
     need(t.objective in OBJECTIVES, "train.objective", f"expected one of {OBJECTIVES}")
     need(0 < t.distill_weight <= 1, "train.distill_weight", "must be in (0, 1]")
     need(t.distill_temperature > 0, "train.distill_temperature", "must be > 0")

@@ -13,6 +13,8 @@ from gist_jax import gist
 from gist_jax import sharding as shd
 from gist_jax.models import llama, t5
 from gist_jax.models.family import LLAMA, T5
+from gist_jax.train import loop
+from gist_jax.train import step as tstep
 
 
 def _mesh() -> jax.sharding.Mesh:
@@ -87,3 +89,58 @@ def test_t5_runs_under_activation_rules(variant):
         apply, params, dims, src, src_pos, enc_mask, tgt, tgt_pos, dec_mask, x_mask
     )
     np.testing.assert_allclose(constrained, plain, rtol=1e-5, atol=1e-5)
+
+
+# Every data x fsdp x tensor shape of the eight test devices.
+MESH_SHAPES = [(d, f, 8 // (d * f)) for d in (1, 2, 4, 8) for f in (1, 2, 4, 8) if 8 % (d * f) == 0]
+# Sizes chosen to divide no mesh axis (heads 3, vocab 61...), so every rule that names them
+# must be dropped rather than fail.
+ODD_LLAMA = llama.LlamaConfig(
+    vocab_size=61,
+    hidden_size=24,
+    intermediate_size=36,
+    num_hidden_layers=1,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    head_dim=8,
+)
+ODD_T5 = t5.T5Config(
+    vocab_size=61,
+    d_model=24,
+    d_kv=8,
+    d_ff=36,
+    num_layers=1,
+    num_decoder_layers=1,
+    num_heads=3,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+)
+
+
+def _trace_train_loss(family, cfg, mesh, rules, rows):
+    model = family.build(cfg)
+    batch = {
+        k: jax.ShapeDtypeStruct((rows, 8), np.float32 if k == "loss_mask" else np.int32)
+        for k in family.batch_keys
+    }
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jax.eval_shape(
+            lambda p, b: tstep.loss_sums(model, family, p, b, "gist", 4),
+            family.abstract_params(cfg),
+            batch,
+        )
+
+
+@pytest.mark.parametrize("family, cfg", [(LLAMA, ODD_LLAMA), (T5, ODD_T5)], ids=["llama", "t5"])
+@pytest.mark.parametrize("shape", MESH_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_train_loss_traces_under_activation_rules_on_every_mesh(family, cfg, shape):
+    # What the loop may train with: a micro-batch that splits over data x fsdp (the config
+    # check) under the rules it derives from the model's sizes. Even the unfiltered rules,
+    # which shard 3 heads over the tensor axis, trace: JAX pads uneven shardings. So no
+    # model makes tracing fail under activation constraints, and the loop has no fallback
+    # that retries without them.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), shd.MESH_AXES)
+    rows = shape[0] * shape[1]
+    for rules in (shd.activation_rules(mesh, loop.model_dims(cfg)), shd.mesh_rules(mesh)):
+        total, count = _trace_train_loss(family, cfg, mesh, rules, rows)
+        assert total.shape == count.shape == ()

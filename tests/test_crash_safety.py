@@ -19,12 +19,14 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from train_fixtures import quick_config, step_losses
 
 from benchmarks.probes import soak_crash as soak
 from gist_jax import train
+from gist_jax.train import step as tstep
 from gist_jax.train.metrics_log import read_metrics
 
 # Five SIGKILLs (two of them aimed at checkpoint writes, one at the export), one SIGTERM.
@@ -97,8 +99,27 @@ def _params_hook(store):
     return hook
 
 
-def test_nonfinite_steps_are_skipped_then_a_streak_stops_the_run(tmp_path):
+def _poison_updates(monkeypatch, updates):
+    """Fault injection: the train step the loop builds makes the loss of these updates
+    (1 = the first) NaN, by scaling their batch's float loss mask by NaN."""
+    build = tstep.make_train_step
+    poisoned = jnp.asarray(updates, jnp.int32)
+
+    def build_poisoned(*args, **kwargs):
+        step = build(*args, **kwargs)
+
+        def poisoned_step(state, batch, *rest):
+            scale = jnp.where(jnp.isin(state.step + 1, poisoned), jnp.nan, 1.0)
+            return step(state, {**batch, "loss_mask": batch["loss_mask"] * scale}, *rest)
+
+        return poisoned_step
+
+    monkeypatch.setattr(tstep, "make_train_step", build_poisoned)
+
+
+def test_nonfinite_steps_are_skipped_then_a_streak_stops_the_run(tmp_path, monkeypatch):
     # Step 3 alone is poisoned (skipped, training goes on); then 5, 6, 7 in a row: stop.
+    _poison_updates(monkeypatch, (3, 5, 6, 7))
     params = {}
     with pytest.raises(train.NonFiniteError) as err:
         train.train_and_evaluate(
@@ -106,7 +127,6 @@ def test_nonfinite_steps_are_skipped_then_a_streak_stops_the_run(tmp_path):
                 train__steps=8,
                 train__eval_every=1,
                 train__checkpoint_every=1,
-                train__inject_nonfinite_steps=(3, 5, 6, 7),
                 train__max_nonfinite_steps=3,
             ),
             tmp_path,

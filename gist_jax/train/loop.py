@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 
@@ -102,7 +101,7 @@ def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: Any) -> None
         )
 
 
-def _model_dims(model_config: Any) -> dict[str, int]:
+def model_dims(model_config: Any) -> dict[str, int]:
     """Sizes of the logical activation axes, so rules that would not divide are dropped."""
     names = {
         "vocab": ("vocab_size",),
@@ -125,25 +124,7 @@ def _activation_rules(
 ) -> Any:
     if not config.mesh.constrain_activations:
         return None
-    return shd.activation_rules(mesh, _model_dims(loaded.config))
-
-
-def _probe_rules(rules: Any, loss_probe: Callable[[], Any], logger: MetricsLogger) -> Any:
-    """Trace the loss abstractly under the activation rules; if the model cannot be traced
-    with them, train without activation constraints (correct, XLA then propagates
-    shardings from params and batch alone) and say why."""
-    if rules is None:
-        return None
-    try:
-        with nn.logical_axis_rules(rules):
-            loss_probe()
-        return rules
-    except ValueError as err:
-        logger.message(
-            "warning: activation sharding constraints disabled, the model cannot be traced "
-            f"under logical axis rules ({str(err).splitlines()[0][:300]})"
-        )
-        return None
+    return shd.activation_rules(mesh, model_dims(loaded.config))
 
 
 def _summarise(pending: list[dict[str, Any]], elapsed: float, steps_timed: int) -> dict[str, float]:
@@ -370,7 +351,6 @@ def _train_and_evaluate(
             schedule,
             condition,
             config.train.grad_accum,
-            tuple(config.train.inject_nonfinite_steps),
             config.train.loss_chunk,
             frozen,
             objective,
@@ -414,19 +394,7 @@ def _train_and_evaluate(
     guard = NonFiniteGuard(config.train.max_nonfinite_steps, checkpointer, logger)
     try:
         with jax.set_mesh(mesh):
-            rules = _probe_rules(
-                _activation_rules(config, mesh, loaded),
-                lambda: jax.eval_shape(
-                    lambda p, b: tstep.loss_sums(
-                        model, family, p, b, condition, config.train.loss_chunk
-                    ),
-                    abstract.params,
-                    pipeline.abstract_batch(
-                        keys, config.train.batch_size // config.train.grad_accum
-                    ),
-                ),
-                logger,
-            )
+            rules = _activation_rules(config, mesh, loaded)
             setup_s = time.monotonic() - started
             loop_start = time.monotonic()
             with shd.rules_context(rules):

@@ -150,14 +150,6 @@ def global_batch(
     return shd.make_global_batch({k: local[k] for k in keys}, mesh, rows)
 
 
-def abstract_batch(keys: Sequence[str], rows: int, length: int = 8) -> dict:
-    """Shapes of a batch, for tracing the loss without data."""
-    return {
-        k: jax.ShapeDtypeStruct((rows, length), np.float32 if k == "loss_mask" else np.int32)
-        for k in keys
-    }
-
-
 def evaluate_loss(
     eval_step: Callable[..., Any],
     params: Any,

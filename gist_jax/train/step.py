@@ -27,13 +27,12 @@ frozen ones as they are.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gist_jax import gist
@@ -166,7 +165,6 @@ def make_train_step(
     schedule: optax.Schedule,
     condition: str,
     grad_accum: int = 1,
-    inject_nonfinite_steps: Sequence[int] = (),
     loss_chunk: int = 0,
     frozen: frozenset[str] = frozenset(),
     objective: Objective = LM,
@@ -176,9 +174,7 @@ def make_train_step(
     update used), ``tokens`` (non-padding), ``loss_tokens`` and ``nonfinite`` (1 when the
     update was skipped, see the module docstring).
 
-    ``inject_nonfinite_steps``: fault injection for tests, steps (1 = first update) whose
-    loss is multiplied by NaN; adds nothing to the program when empty. ``loss_chunk``: see
-    ``loss_sums``. ``frozen``: top-level param modules not trained (``gist_jax.train.freezing``;
+    ``loss_chunk``: see ``loss_sums``. ``frozen``: top-level param modules not trained (``gist_jax.train.freezing``;
     ``optimizer`` must be restricted to match).
 
     ``objective`` (decoder-only models): with distillation, ``loss`` is the weighted
@@ -186,13 +182,12 @@ def make_train_step(
     over the distilled positions); a "frozen" teacher makes the step
     ``(state, batch, teacher_params)``, the teacher's params sharded like the student's and
     never part of the state (so never in a checkpoint)."""
-    poisoned = np.asarray(sorted(inject_nonfinite_steps), np.int32)
     if objective.distills and not family.chunked_output:
         raise ValueError("distillation is implemented for decoder-only models")
     w = objective.distill_weight
 
     def grads_of(
-        params: Any, teacher: Any, micro: Batch, step: jax.Array, denoms: tuple[jax.Array, ...]
+        params: Any, teacher: Any, micro: Batch, denoms: tuple[jax.Array, ...]
     ) -> tuple[tuple[jax.Array, tuple[jax.Array, jax.Array]], Any]:
         # Gradients of the trained modules only (all of them when nothing is frozen).
         trained, fixed = freezing.split(params, frozen)
@@ -215,8 +210,6 @@ def make_train_step(
                 total, _ = loss_sums(model, family, full, micro, condition, loss_chunk)
                 total = lm = total / denom
                 kl = jnp.zeros((), jnp.float32)
-            if inject_nonfinite_steps:
-                total = total * jnp.where(jnp.isin(step + 1, poisoned), jnp.nan, 1.0)
             return total, (lm, kl)
 
         return jax.value_and_grad(f, has_aux=True)(trained)
@@ -231,14 +224,14 @@ def make_train_step(
         kl_count = jnp.sum(distill_weights(batch, objective.positions)) if w > 0 else count
         denoms = (denom, jnp.maximum(kl_count, 1.0))
         if grad_accum == 1:
-            (loss, parts), grads = grads_of(state.params, teacher, batch, state.step, denoms)
+            (loss, parts), grads = grads_of(state.params, teacher, batch, denoms)
         else:
             micro = _split_micro(batch, grad_accum)
             zeros = jax.tree.map(jnp.zeros_like, freezing.split(state.params, frozen)[0])
 
             def body(carry: Any, mb: Batch) -> tuple[Any, None]:
                 acc_loss, acc_parts, acc_grads = carry
-                (part, sub), g = grads_of(state.params, teacher, mb, state.step, denoms)
+                (part, sub), g = grads_of(state.params, teacher, mb, denoms)
                 acc_parts = jax.tree.map(jnp.add, acc_parts, sub)
                 return (acc_loss + part, acc_parts, jax.tree.map(jnp.add, acc_grads, g)), None
 
