@@ -66,8 +66,8 @@ TEACHERS = ("", "pos_control")
 def default_config() -> ml_collections.ConfigDict:
     """The quickstart's training + evaluation config (what ``configs/quickstart.py`` returns).
 
-    Training is ``configs/default.py``'s recipe sized for about 30 minutes on a 2-core CPU,
-    install included: the budget at which the gist model recovers most of the gap on
+    Training (also ``configs/default.py``, the same run on its own) is sized for about 30
+    minutes on a 2-core CPU, install included: the budget at which the gist model recovers most of the gap on
     relations it never saw (docs/results.md section 9 has the 20-minute run beside it);
     ``quickstart`` holds the settings that are not training's:
 
