@@ -1,6 +1,6 @@
 """The training loop: ``train_and_evaluate(config, workdir)`` sets a run up from its config
-(mesh, model, data, optimizer, the train state created sharded), runs the jitted step,
-logs, evaluates, checkpoints, and exports the trained model.
+(the mesh, the data, and ``program.make_train_step``'s model, optimizer and jitted steps),
+runs the steps, logs, evaluates, checkpoints, and exports the trained model.
 
 A run in an existing workdir resumes exactly from its latest checkpoint: step, params,
 optimizer state, RNG and the data iterator position are restored, so the losses that
@@ -33,10 +33,10 @@ import ml_collections
 from gist_jax import checkpoint as ckpt_lib
 from gist_jax import distributed, model_loading, train_config
 from gist_jax import sharding as shd
-from gist_jax.convert import common, loading
-from gist_jax.train import freezing, optim, pipeline, teacher
+from gist_jax.convert import common
+from gist_jax.train import freezing, pipeline
+from gist_jax.train import program as program_lib
 from gist_jax.train import state as ts
-from gist_jax.train import step as tstep
 from gist_jax.train.guards import NonFiniteGuard, StopSignal
 from gist_jax.train.metrics_log import MetricsLogger, read_metrics
 
@@ -80,51 +80,6 @@ def total_steps_of(config: ml_collections.ConfigDict, batches_per_epoch: int) ->
     if config.train.steps > 0:
         return int(config.train.steps)
     return max(1, math.ceil(config.train.epochs * batches_per_epoch))
-
-
-def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: Any) -> None:
-    ways = shd.batch_parallelism(mesh)
-    micro = config.train.batch_size // config.train.grad_accum
-    problems = []
-    if micro % ways:
-        problems.append(
-            f"train.batch_size / train.grad_accum = {micro} rows per micro-batch is not "
-            f"divisible by data x fsdp = {ways}"
-        )
-    if config.eval.batch_size % ways:
-        problems.append(
-            f"eval.batch_size={config.eval.batch_size} is not divisible by data x fsdp = {ways}"
-        )
-    if problems:
-        raise train_config.ConfigError(
-            f"batch does not fit the mesh ({shd.describe(mesh)}): " + "; ".join(problems)
-        )
-
-
-def model_dims(model_config: Any) -> dict[str, int]:
-    """Sizes of the logical activation axes, so rules that would not divide are dropped."""
-    names = {
-        "vocab": ("vocab_size",),
-        "embed": ("hidden_size", "d_model"),
-        "mlp": ("intermediate_size", "d_ff"),
-        "heads": ("num_attention_heads", "num_heads"),
-        "kv_heads": ("num_key_value_heads", "num_heads"),
-    }
-    dims = {}
-    for logical, fields in names.items():
-        for field in fields:
-            if hasattr(model_config, field):
-                dims[logical] = int(getattr(model_config, field))
-                break
-    return dims
-
-
-def _activation_rules(
-    config: ml_collections.ConfigDict, mesh: Any, loaded: model_loading.LoadedModel
-) -> Any:
-    if not config.mesh.constrain_activations:
-        return None
-    return shd.activation_rules(mesh, model_dims(loaded.config))
 
 
 def _summarise(pending: list[dict[str, Any]], elapsed: float, steps_timed: int) -> dict[str, float]:
@@ -223,56 +178,28 @@ def _train_and_evaluate(
         {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
         devices,
     )
-    _check_batch_fits_mesh(config, mesh)
+    program_lib.check_batch_fits_mesh(config, mesh)
     workdir = ckpt_lib.check_workdir_writable(workdir)
     loaded = model_loading.load_model(config)
-    teacher.check_objective(config, loaded.family, loaded.checkpoint_dir)
-    abstract_params = loaded.family.abstract_params(loaded.config)
-    try:
-        frozen = freezing.frozen_modules(abstract_params.keys(), config.train.frozen_layers)
-    except ValueError as e:
-        raise train_config.ConfigError(f"train.frozen_layers: {e}") from None
-    try:
-        frozen_paths = freezing.parse_frozen_params(config.train.frozen_params, abstract_params)
-    except ValueError as e:
-        raise train_config.ConfigError(f"train.frozen_params: {e}") from None
     model_config_dict = loaded.config.to_dict()
     distributed.check_same(_flat_config(model_config_dict, "model_config."), "model configs")
     ckpt_lib.check_model_config(workdir, model_config_dict, write=False)
     # Data before the checkpoint directory: a bad data file leaves nothing behind.
     data_setup = pipeline.build_data(config, loaded, mesh)
+    total_steps = total_steps_of(config, data_setup.train.batches_per_epoch(0))
+    program = program_lib.make_train_step(config, mesh, loaded=loaded, total_steps=total_steps)
     checkpointer = ckpt_lib.Checkpointer(
         workdir,
         keep=config.train.keep_checkpoints,
         async_save=config.train.async_checkpoint,
         cleanup=True,
     )
-    total_steps = total_steps_of(config, data_setup.train.batches_per_epoch(0))
-
-    family, model_config = loaded.family, loaded.config
-    model = family.build(model_config)
-    logical_axes = family.param_axes(model_config)
-    schedule = optim.make_schedule(
-        config.train.lr, total_steps, config.train.schedule, config.train.warmup
-    )
-    optimizer = optim.make_optimizer(
-        schedule,
-        logical_axes,
-        weight_decay=config.train.weight_decay,
-        clip_norm=config.train.clip_norm,
-        b1=config.train.b1,
-        b2=config.train.b2,
-        eps=config.train.eps,
-    )
-    optimizer = freezing.restrict_optimizer(optimizer, abstract_params, frozen, frozen_paths)
-    abstract = ts.abstract_state(abstract_params, optimizer)
-    shardings = ts.state_shardings(abstract, logical_axes, mesh, optimizer)
-    target = ts.with_shardings(abstract, shardings)
+    model, model_config = program.model, loaded.config
 
     # State: resume (from the newest checkpoint that restores), pretrained params, or
     # random init; all created directly sharded.
     warnings: list[str] = []
-    restored = checkpointer.restore_latest(target, warn=warnings.append)
+    restored = checkpointer.restore_latest(program.target, warn=warnings.append)
     latest = None if restored is None else restored[0]
     start_step = 0 if latest is None else latest
     # The log continues from start_step: records of steps about to be redone are removed.
@@ -290,19 +217,19 @@ def _train_and_evaluate(
         ckpt_lib.check_model_config(workdir, model_config_dict, write=True)
     logger.message(
         f"mesh: {shd.describe(mesh)}; model: {model_config.model_type}, "
-        f"{ts.param_count(abstract.params):,} params; {total_steps} steps"
+        f"{ts.param_count(program.target.params):,} params; {total_steps} steps"
     )
-    if frozen:
-        trained_params = freezing.split(abstract.params, frozen)[0]
+    if program.frozen:
+        trained_params = freezing.split(program.target.params, program.frozen)[0]
         logger.message(
             f"train.frozen_layers={config.train.frozen_layers}: training "
             f"{ts.param_count(trained_params):,} params; the embedding and layers_0.."
             f"layers_{config.train.frozen_layers - 1} stay frozen"
         )
-    if frozen_paths:
+    if program.frozen_paths:
         logger.message(
             f"train.frozen_params={config.train.frozen_params!r}: parameters whose path "
-            f"contains {' or '.join(frozen_paths)} keep their starting values"
+            f"contains {' or '.join(program.frozen_paths)} keep their starting values"
         )
     for line in data_setup.reports:
         logger.message(f"data: {line}")
@@ -311,63 +238,19 @@ def _train_and_evaluate(
         _, state, data_state = restored
         data_setup.train.restore(data_state)
         logger.message(f"resumed from {checkpointer.directory}/{latest}")
-    elif loaded.checkpoint_dir is not None:
-        same_layout = loaded.saved_scan_layers == model_config.scan_layers
-        _, params, _ = loading.load_checkpoint(
-            loaded.checkpoint_dir,
-            target=target.params if same_layout else None,
-            scan_layers=model_config.scan_layers,
-        )
-        state = ts.state_from_params(params, optimizer, shardings, config.train.seed)
-        del params
     else:
-        state = ts.init_state(
-            lambda key: family.init_params(model_config, key),
-            optimizer,
-            shardings,
-            config.train.seed,
-        )
-
-    keys = family.batch_keys
-    batch_shardings = {k: shd.batch_sharding(mesh) for k in keys}
-    condition = config.data.condition
-    objective = teacher.objective_of(config)
-    step_args: tuple[Any, ...] = ()
-    in_shardings: tuple[Any, ...] = (shardings, batch_shardings)
-    if objective.frozen_teacher:
-        # Loaded on every start (never checkpointed), sharded like the student's params.
-        step_args = (
-            teacher.load_teacher(config, model_config, loaded.checkpoint_dir, target.params),
-        )
-        in_shardings += (shardings.params,)
-        logger.message(
-            f"distillation teacher: {teacher.teacher_dir(config, loaded.checkpoint_dir)}"
-        )
-    step_fn = jax.jit(
-        tstep.make_train_step(
-            model,
-            family,
-            optimizer,
-            schedule,
-            condition,
-            config.train.grad_accum,
-            config.train.loss_chunk,
-            frozen,
-            objective,
-        ),
-        in_shardings=in_shardings,
-        out_shardings=(shardings, shd.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    eval_fn = jax.jit(
-        tstep.make_eval_step(model, family, condition, config.train.loss_chunk),
-        in_shardings=(shardings.params, batch_shardings),
-        out_shardings=shd.replicated(mesh),
-    )
+        state = program.init_state()
+    if program.teacher_dir is not None:
+        logger.message(f"distillation teacher: {program.teacher_dir}")
 
     def run_eval(step: int) -> dict[str, float]:
         metrics = pipeline.evaluate_loss(
-            eval_fn, state.params, data_setup.evals, keys, mesh, config.eval.batch_size
+            program.eval_step,
+            state.params,
+            data_setup.evals,
+            loaded.family.batch_keys,
+            mesh,
+            config.eval.batch_size,
         )
         context = EvalContext(
             step, state.params, model, model_config, loaded.tokenizer, mesh, config, workdir
@@ -394,10 +277,9 @@ def _train_and_evaluate(
     guard = NonFiniteGuard(config.train.max_nonfinite_steps, checkpointer, logger)
     try:
         with jax.set_mesh(mesh):
-            rules = _activation_rules(config, mesh, loaded)
             setup_s = time.monotonic() - started
             loop_start = time.monotonic()
-            with shd.rules_context(rules):
+            with shd.rules_context(program.rules):
                 pending: list[dict[str, Any]] = []
                 timer, timed = time.monotonic(), 0
                 logger.start_bar(step)
@@ -406,8 +288,7 @@ def _train_and_evaluate(
                         preempted = True
                         break
                     local = next(data_setup.train)
-                    batch = pipeline.global_batch(local, keys, mesh, config.train.batch_size)
-                    state, metrics = step_fn(state, batch, *step_args)
+                    state, metrics = program.step(state, program.global_batch(local))
                     step += 1
                     pending.append(metrics)
                     # The previous step's flag, so that the device keeps one step queued.
