@@ -13,7 +13,7 @@ from gist_jax import gist
 from gist_jax import sharding as shd
 from gist_jax.models import llama, t5
 from gist_jax.models.family import LLAMA, T5
-from gist_jax.train import loop
+from gist_jax.train import program
 from gist_jax.train import step as tstep
 
 
@@ -141,6 +141,6 @@ def test_train_loss_traces_under_activation_rules_on_every_mesh(family, cfg, sha
     # that retries without them.
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), shd.MESH_AXES)
     rows = shape[0] * shape[1]
-    for rules in (shd.activation_rules(mesh, loop.model_dims(cfg)), shd.mesh_rules(mesh)):
+    for rules in (shd.activation_rules(mesh, program.model_dims(cfg)), shd.mesh_rules(mesh)):
         total, count = _trace_train_loss(family, cfg, mesh, rules, rows)
         assert total.shape == count.shape == ()
