@@ -236,10 +236,6 @@ T5 = T5Family()
 FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, T5)}
 
 
-def supported_model_types() -> tuple[str, ...]:
-    return tuple(FAMILIES)
-
-
 # Hugging Face model types that a family reads and writes besides its own name.
 HF_MODEL_TYPES: dict[str, str] = {"qwen2": "llama", "mistral": "llama"}
 

@@ -140,12 +140,3 @@ def _place(x: Any, sharding: NamedSharding) -> jax.Array:
 
 def param_count(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
-
-
-def describe_shardings(shardings: TrainState) -> list[str]:
-    """Human-readable ``path: spec`` lines for the params (logged at start-up)."""
-    lines = []
-    for path, sh in jax.tree_util.tree_flatten_with_path(shardings.params)[0]:
-        spec = sh.spec if isinstance(sh, NamedSharding) else sh
-        lines.append(f"{jax.tree_util.keystr(path)}: {spec}")
-    return lines
