@@ -286,6 +286,16 @@ def test_invalid_mesh(tmp_path):
         train.train_and_evaluate(config, tmp_path, progress_bar=False)
 
 
+def test_make_train_step_rejects_bad_configs_by_key():
+    mesh = shd.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    with pytest.raises(train_config.ConfigError, match="12 rows per micro-batch is not divisible"):
+        train.make_train_step(quick_config(train__batch_size=12), mesh)
+    with pytest.raises(train_config.ConfigError, match=r"train.steps=0 \(count epochs\)"):
+        train.make_train_step(quick_config(train__steps=0, train__epochs=1.0), mesh)
+    with pytest.raises(train_config.ConfigError, match=r"train\.frozen_params"):
+        train.make_train_step(quick_config(train__frozen_params="no_such_param"), mesh)
+
+
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
