@@ -31,16 +31,34 @@ def _run_both_ways(apply, params, dims, *inputs):
     return np.asarray(plain), np.asarray(constrained)
 
 
-def test_llama_runs_under_activation_rules():
-    cfg = llama.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+def _llama_config(vocab, hidden, mlp, layers, heads, kv_heads) -> llama.LlamaConfig:
+    return llama.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         head_dim=8,
     )
+
+
+def _t5_config(vocab, d_model, d_ff, layers, heads, variant) -> t5.T5Config:
+    return t5.T5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=d_ff,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="relu" if variant == "v1_0" else "gated-gelu",
+        tie_word_embeddings=variant == "v1_0",
+    )
+
+
+def test_llama_runs_under_activation_rules():
+    cfg = _llama_config(vocab=64, hidden=32, mlp=64, layers=2, heads=4, kv_heads=2)
     params = LLAMA.init_params(cfg, jax.random.key(0))
     ids = np.random.default_rng(0).integers(0, 64, (2, 8)).astype(np.int32)
     pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
@@ -58,17 +76,7 @@ def test_llama_runs_under_activation_rules():
 
 @pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
 def test_t5_runs_under_activation_rules(variant):
-    cfg = t5.T5Config(
-        vocab_size=64,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        feed_forward_proj="relu" if variant == "v1_0" else "gated-gelu",
-        tie_word_embeddings=variant == "v1_0",
-    )
+    cfg = _t5_config(vocab=64, d_model=32, d_ff=64, layers=2, heads=4, variant=variant)
     params = T5.init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     src = rng.integers(1, 64, (2, 8)).astype(np.int32)
@@ -95,26 +103,8 @@ def test_t5_runs_under_activation_rules(variant):
 MESH_SHAPES = [(d, f, 8 // (d * f)) for d in (1, 2, 4, 8) for f in (1, 2, 4, 8) if 8 % (d * f) == 0]
 # Sizes chosen to divide no mesh axis (heads 3, vocab 61...), so every rule that names them
 # must be dropped rather than fail.
-ODD_LLAMA = llama.LlamaConfig(
-    vocab_size=61,
-    hidden_size=24,
-    intermediate_size=36,
-    num_hidden_layers=1,
-    num_attention_heads=3,
-    num_key_value_heads=1,
-    head_dim=8,
-)
-ODD_T5 = t5.T5Config(
-    vocab_size=61,
-    d_model=24,
-    d_kv=8,
-    d_ff=36,
-    num_layers=1,
-    num_decoder_layers=1,
-    num_heads=3,
-    feed_forward_proj="gated-gelu",
-    tie_word_embeddings=False,
-)
+ODD_LLAMA = _llama_config(vocab=61, hidden=24, mlp=36, layers=1, heads=3, kv_heads=1)
+ODD_T5 = _t5_config(vocab=61, d_model=24, d_ff=36, layers=1, heads=3, variant="v1_1")
 
 
 def _trace_train_loss(family, cfg, mesh, rules, rows):
