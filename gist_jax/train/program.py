@@ -20,6 +20,7 @@ Everything a bad config can get wrong (the mesh, frozen layers, the teacher) rai
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -71,7 +72,7 @@ class TrainProgram:
         init without a checkpoint) and a new optimizer state."""
         seed = self.config.train.seed
         if self.loaded.checkpoint_dir is None:
-            init = lambda key: self.family.init_params(self.loaded.config, key)  # noqa: E731
+            init = functools.partial(self.family.init_params, self.loaded.config)
             return ts.init_state(init, self.optimizer, self.shardings, seed)
         same_layout = self.loaded.saved_scan_layers == self.loaded.config.scan_layers
         _, params, _ = loading.load_checkpoint(
