@@ -1,4 +1,4 @@
-"""Synthetic suite v3: sizes and determinism, thousands of distinct training instructions,
+"""Synthetic suite v3 and its wider variant (``synthetic_v3_wide``): sizes and determinism, thousands of distinct training instructions,
 the three held-out distances kept out of training (instruction strings, argument settings,
 compositions, relations), answers checked against independent sources, and that the
 input alone does not reveal the task."""
@@ -11,23 +11,27 @@ import random
 
 import pytest
 
-from gist_jax.data import alpaca, sources, suite
-from gist_jax.data import synthetic_v3 as v3
+from gist_jax.data import alpaca, sources, suite, synthetic_v3, synthetic_v3_wide
 
 TRAIN_SIZE = 20000
 
 
+@pytest.fixture(scope="module", params=[synthetic_v3, synthetic_v3_wide], ids=lambda m: m.SOURCE)
+def v3(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def train():
+def train(v3):
     return v3.make_split("train", TRAIN_SIZE)
 
 
 @pytest.fixture(scope="module")
-def held_out():
+def held_out(v3):
     return {s: v3.make_split(s, 400) for s in v3.SPLITS if s != "train"}
 
 
-def test_sizes_keys_and_determinism(tmp_path):
+def test_sizes_keys_and_determinism(v3, tmp_path):
     for split in v3.SPLITS:
         examples = v3.make_split(split, 40, seed=3)
         assert len(examples) == 40
@@ -39,18 +43,50 @@ def test_sizes_keys_and_determinism(tmp_path):
             assert ex["source"] == v3.SOURCE
             assert "?." not in ex["instruction"] and "<" not in ex["instruction"]
     assert v3.make_split("train", 30) == v3.make_split("train", 60)[:30]
-    with pytest.raises(ValueError, match="unknown synthetic_v3 split"):
+    with pytest.raises(ValueError, match=f"unknown {v3.SOURCE} split"):
         v3.make_split("validation_human", 1)
-    examples, report = sources.load_examples("synthetic_v3", "validation_unseen", 10)
+    examples, report = sources.load_examples(v3.SOURCE, "validation_unseen", 10)
     assert examples == v3.make_split("validation_unseen", 10) and report.kept == 10
-    sources.write_splits("synthetic_v3", tmp_path, {"validation_unseen": 12})
+    sources.write_splits(v3.SOURCE, tmp_path, {"validation_unseen": 12})
     loaded, _ = alpaca.load_split(tmp_path, "validation_unseen")
     assert [ex["output"] for ex in loaded] == [
         ex["output"] for ex in v3.make_split("validation_unseen", 12)
     ]
 
 
-def test_relations_over_every_input_kind():
+def test_the_wide_suite_trains_more_and_holds_out_version_3s_examples():
+    wide, v3 = synthetic_v3_wide, synthetic_v3
+    assert set(wide.TRAIN_OPS) > set(v3.TRAIN_OPS) and len(wide.TRAIN_OPS) >= 55
+    assert wide.UNSEEN_OPS == v3.UNSEEN_OPS and set(wide.OPS) == set(wide.TRAIN_OPS) | set(
+        v3.UNSEEN_OPS
+    )
+    # Pairing runs on the two suites needs the same never-trained examples.
+    for seed in (0, 1):
+        unseen = wide.make_split("validation_unseen", 200, seed)
+        assert {ex["source"] for ex in unseen} == {wide.SOURCE}
+        assert [ex | {"source": v3.SOURCE} for ex in unseen] == v3.make_split(
+            "validation_unseen", 200, seed
+        )
+    # Every added operation is drawn in training, and the added answers are what they say.
+    train = wide.make_split("train", 6000)
+    trained = {part for ex in train for part in ex["task"].split("+")}
+    assert trained == set(wide.TRAIN_OPS)
+    expected = {
+        ("square", "12"): "144", ("half", "38"): "19", ("tens_digit", "47"): "4",
+        ("digit_sum", "99"): "18", ("round_ten", "45"): "50", ("reverse_digits", "12"): "21",
+        ("quarter", "October"): "4", ("weekday", "Sunday"): "no",
+        ("city_capital", "Chicago"): "Washington", ("progressive", "swim"): "is swimming",
+        ("possessive", "fox"): "fox's", ("is_vowel", "e"): "yes", ("first_half", "n"): "no",
+        ("length", "Thursday"): "8", ("last_character", "Peru"): "u",
+    }  # fmt: skip
+    for (name, value), answer in expected.items():
+        assert wide.OPS[name].apply({}, value) == answer, name
+    for name, value in (("half", "7"), ("tens_digit", "7"), ("reverse_digits", "40")):
+        with pytest.raises(suite.Invalid):
+            wide.OPS[name].apply({}, value)
+
+
+def test_relations_over_every_input_kind(v3):
     assert len(v3.UNSEEN_OPS) >= 20
     assert not set(v3.UNSEEN_OPS) & set(v3.TRAIN_OPS)
     for kind in v3.KINDS:
@@ -74,7 +110,7 @@ def test_thousands_of_distinct_training_instructions(train):
     assert 0.2 < composed < 0.4
 
 
-def test_held_out_distances_never_occur_in_training(train, held_out):
+def test_held_out_distances_never_occur_in_training(v3, train, held_out):
     train_strings = {ex["instruction"] for ex in train}
     train_tasks = {ex["task"] for ex in train}
     assert not {p for t in train_tasks for p in t.split("+")} & set(v3.UNSEEN_OPS)
@@ -155,7 +191,7 @@ def test_answers_checked_independently(train, held_out):
     assert set(checked) >= set(_INDEPENDENT) | {"plural", "next_month"}
 
 
-def test_the_input_does_not_reveal_the_task(held_out):
+def test_the_input_does_not_reveal_the_task(v3, held_out):
     # The best input-only answer a model could learn from the training split (one fixed
     # trained op per input kind at any argument setting, chosen with hindsight on the split
     # itself: what neg_control could at most do) stays far below solving it.
@@ -165,7 +201,7 @@ def test_the_input_does_not_reveal_the_task(held_out):
         by_kind = collections.defaultdict(list)
         for ex in examples:
             first = v3.OPS[ex["task"].split("+")[0]]
-            kind = first.kind if first.kind != "any" else _kind_of(ex["input"])
+            kind = first.kind if first.kind != "any" else _kind_of(v3, ex["input"])
             by_kind[kind].append(ex)
         for kind, group in by_kind.items():
             best = 0.0
@@ -187,6 +223,6 @@ def test_the_input_does_not_reveal_the_task(held_out):
     assert checked >= 15
 
 
-def _kind_of(text):
+def _kind_of(v3, text):
     kinds = [k for k in v3.KINDS if text in v3._INPUTS[k]]
     return kinds[0]

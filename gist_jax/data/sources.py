@@ -1,7 +1,8 @@
 """One entry point for example sources: the built-in synthetic suite or Alpaca+ files.
 
 ``load_examples("synthetic", split)`` generates the split of the built-in suite (version 1,
-``gist_jax.data.synthetic``; ``"synthetic_v2"``, ``"synthetic_v3"``: versions 2 and 3);
+``gist_jax.data.synthetic``; ``"synthetic_v2"``, ``"synthetic_v3"``: versions 2 and 3;
+``"synthetic_v3_wide"``: version 3 with more trained operations);
 any other source is a directory
 or URL prefix holding ``alpaca_plus_{split}.json`` (read and validated by ``alpaca``).
 """
@@ -17,7 +18,8 @@ from gist_jax.data import alpaca
 SYNTHETIC = "synthetic"
 SYNTHETIC_V2 = "synthetic_v2"
 SYNTHETIC_V3 = "synthetic_v3"
-SUITES = (SYNTHETIC, SYNTHETIC_V2, SYNTHETIC_V3)
+SYNTHETIC_V3_WIDE = "synthetic_v3_wide"
+SUITES = (SYNTHETIC, SYNTHETIC_V2, SYNTHETIC_V3, SYNTHETIC_V3_WIDE)
 
 
 def suite_module(source: str) -> Any:

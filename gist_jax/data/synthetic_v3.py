@@ -353,11 +353,18 @@ FORMATS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if OPS[n].kind == _ANY)
 RELATIONS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if OPS[n].kind != _ANY)
 
 
+def pairs(
+    relations: Sequence[str], formats: Sequence[str], held_out: bool
+) -> list[tuple[str, str]]:
+    """(relation, format) compositions, split by ``held_out_pair``."""
+    return [
+        (a, b) for a, b in itertools.product(relations, formats) if held_out_pair(a, b) == held_out
+    ]
+
+
 def trained_pairs(held_out: bool = False) -> list[tuple[str, str]]:
     """(relation, format) compositions of trained ops, split by ``held_out_pair``."""
-    return [
-        (a, b) for a, b in itertools.product(RELATIONS, FORMATS) if held_out_pair(a, b) == held_out
-    ]
+    return pairs(RELATIONS, FORMATS, held_out)
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -385,18 +392,18 @@ def held_out_input(op_name: str, text: str) -> bool:
 class Spec:
     """One instruction: the ops it chains (one or two), their slots and its text."""
 
-    ops: tuple[str, ...]
+    ops: tuple[Op, ...]
     slots: tuple[Slots, ...]
     instruction: str
     kind: str  # the input kind
 
     @property
     def task(self) -> str:
-        return "+".join(self.ops)
+        return "+".join(op.name for op in self.ops)
 
     def answer(self, value: str) -> str:
-        for name, slots in zip(self.ops, self.slots, strict=True):
-            value = OPS[name].apply(slots, value)
+        for op, slots in zip(self.ops, self.slots, strict=True):
+            value = op.apply(slots, value)
         return value
 
 
@@ -423,24 +430,28 @@ def _kind_for(op: Op, rng: random.Random) -> str:
     return rng.choice(KINDS) if op.kind == _ANY else op.kind
 
 
-def _single(name: str, rng: random.Random, held_out_arg: bool | None) -> Spec:
-    op = OPS[name]
+def _single(op: Op, rng: random.Random, held_out_arg: bool | None) -> Spec:
     kind = _kind_for(op, rng)
     slots = suite.sample_slots(op, rng, held_out_arg)
     text = _sentence(_phrase(op, slots, _NOUN[kind], rng), rng)
-    return Spec((name,), (slots,), text, kind)
+    return Spec((op,), (slots,), text, kind)
 
 
-def _composed(pair: tuple[str, str], rng: random.Random, held_out_arg: bool | None) -> Spec:
-    first, second = (OPS[name] for name in pair)
-    slots = tuple(suite.sample_slots(op, rng, held_out_arg) for op in (first, second))
+def _composed(pair: tuple[Op, Op], rng: random.Random, held_out_arg: bool | None) -> Spec:
+    first, second = pair
+    slots = tuple(suite.sample_slots(op, rng, held_out_arg) for op in pair)
     a = _phrase(first, slots[0], _NOUN[first.kind], rng, imperative=True)
     b = _phrase(second, slots[1], _RESULT, rng, imperative=True)
     text = _sentence(rng.choice(suite.CONNECTIVES).format(a=a, b=b), rng)
     return Spec(pair, slots, text, first.kind)
 
 
-HELD_OUT_ARG_OPS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if all(suite.arg_partitions(OPS[n])))
+def held_out_arg_ops(train_ops: Sequence[str], ops: dict[str, Op]) -> tuple[str, ...]:
+    """The trained ops with both training and held-out argument settings."""
+    return tuple(n for n in train_ops if all(suite.arg_partitions(ops[n])))
+
+
+HELD_OUT_ARG_OPS: tuple[str, ...] = held_out_arg_ops(TRAIN_OPS, OPS)
 
 
 def _draw_input(spec: Spec, rng: random.Random) -> tuple[str, str]:
@@ -448,18 +459,27 @@ def _draw_input(spec: Spec, rng: random.Random) -> tuple[str, str]:
     return text, text
 
 
-SUITE = suite.Suite(
-    name=SOURCE,
-    train_ops=TRAIN_OPS,
-    unseen_ops=UNSEEN_OPS,
-    held_out_arg_ops=HELD_OUT_ARG_OPS,
-    train_pairs=trained_pairs(held_out=False),
-    held_out_pairs=trained_pairs(held_out=True),
-    composed_share=COMPOSED_SHARE,
-    single=_single,
-    composed=_composed,
-    draw_input=_draw_input,
-    held_out_input=lambda spec, text: held_out_input(spec.ops[0], text),
-)
+def make_suite(
+    source: str, ops: dict[str, Op], train_ops: Sequence[str], unseen_ops: Sequence[str]
+) -> suite.Suite:
+    """The split logic over ``ops``: the suite of this module, or a wider one that trains
+    more relations on the same inputs (``gist_jax.data.synthetic_v3_wide``)."""
+    relations = [n for n in train_ops if ops[n].kind != _ANY]
+    formats = [n for n in train_ops if ops[n].kind == _ANY]
+    return suite.Suite(
+        name=source,
+        train_ops=tuple(train_ops),
+        unseen_ops=tuple(unseen_ops),
+        held_out_arg_ops=held_out_arg_ops(train_ops, ops),
+        train_pairs=pairs(relations, formats, held_out=False),
+        held_out_pairs=pairs(relations, formats, held_out=True),
+        composed_share=COMPOSED_SHARE,
+        single=lambda name, rng, held: _single(ops[name], rng, held),
+        composed=lambda pair, rng, held: _composed((ops[pair[0]], ops[pair[1]]), rng, held),
+        draw_input=_draw_input,
+        held_out_input=lambda spec, text: held_out_input(spec.ops[0].name, text),
+    )
 
+
+SUITE = make_suite(SOURCE, OPS, TRAIN_OPS, UNSEEN_OPS)
 make_split = SUITE.make_split
