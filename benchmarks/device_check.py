@@ -90,10 +90,10 @@ SMOKE = dict(
     matmul=256,
 )
 DEVICE_TESTS = (
-    "tests/test_attention.py",
-    "tests/test_flash_attention.py",
-    "tests/test_convert_llama.py",
-    "tests/test_compress.py",
+    "tests/models/test_attention.py",
+    "tests/models/test_flash_attention.py",
+    "tests/convert/test_convert_llama.py",
+    "tests/inference/test_compress.py",
 )
 GIST_ID, BOS_ID, EOS_ID, PAD_ID = 3, 1, 2, 0
 NUM_GIST = 2

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_fixtures import QUICK, REPO, quick_config, step_losses
+from fixtures_train import QUICK, REPO, quick_config, step_losses
 
 from gist_jax import train
 

@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from train_fixtures import QUICK, REPO, step_losses
+from fixtures_train import QUICK, REPO, step_losses
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

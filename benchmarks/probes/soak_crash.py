@@ -25,7 +25,7 @@ directory is left behind.
     python -m benchmarks.probes.soak_crash --attempts=40 --steps=80 --out=/tmp/soak [--update_doc]
 
 ``--update_doc`` writes the result into docs/reliability.md (between the soak markers).
-``tests/test_crash_safety.py`` runs the same machinery with a short, fixed plan.
+``tests/train/test_crash_safety.py`` runs the same machinery with a short, fixed plan.
 """
 
 from __future__ import annotations

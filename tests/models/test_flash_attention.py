@@ -247,7 +247,7 @@ def test_flash_serves_decoding_and_the_gist_cache():
     cached = gist_cache.generate(flash, params, cache.take(split.rows), split.inputs, **kwargs)
     for w, f, c in zip(want, full, cached, strict=True):
         assert f.tokens == w.tokens and c.tokens == w.tokens
-        # Relative to the logits' size, as tests/test_compress.py (float32 rounding).
+        # Relative to the logits' size, as tests/inference/test_compress.py (float32 rounding).
         scale = float(np.abs(w.logits).max())
         assert np.abs(f.logits - w.logits).max() / scale < fixtures_gist.TOL
         assert np.abs(c.logits - w.logits).max() / scale < fixtures_gist.TOL

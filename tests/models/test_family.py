@@ -25,7 +25,7 @@ from gist_jax.models.family import (
     family_of,
 )
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "gist_jax"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "gist_jax"
 
 
 def _configs() -> dict[str, object]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # Runs in a fresh interpreter where importlib cannot find torch (as on the README's
 # torch-free install), then imports transformers, optionally after gist_jax.

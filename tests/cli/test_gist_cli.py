@@ -21,7 +21,7 @@ from gist_jax.inference import store as gist_store
 from gist_jax.models import llama
 from gist_jax.models.family import LLAMA
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 INSTRUCTIONS = ["Reverse the order of the words.", "Give the number of items in the list."]
 INPUTS = ["quick brown fox", "apple, pear, plum, fig", ""]
 MAX_NEW = 6

@@ -13,7 +13,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from train_fixtures import quick_config, step_losses
+from fixtures_train import quick_config, step_losses
 
 from gist_jax import checkpoint as ckpt_lib
 from gist_jax import model_loading, train

@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from train_fixtures import REPO, quick_config
+from fixtures_train import REPO, quick_config
 
 from gist_jax import data, gist, model_loading, tiny_tokenizer, train, train_config
 from gist_jax import sharding as shd

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from fixtures_train import REPO, quick_config, step_hook, step_losses
 from ml_collections import config_flags
-from train_fixtures import REPO, quick_config, step_hook, step_losses
 
 from gist_jax import checkpoint as ckpt_lib
 from gist_jax import data, gist, model_loading, tiny_tokenizer, train, train_config

@@ -124,7 +124,7 @@ def test_cudnn_path_passes_our_layout_and_mask_to_jax(monkeypatch):
 
 
 def test_every_implementation_is_tested():
-    # "flash" is tested in tests/test_flash_attention.py.
+    # "flash" is tested in tests/models/test_flash_attention.py.
     assert set(IMPLEMENTATIONS) == {"reference", "cpu", "cudnn", "flash"}
 
 

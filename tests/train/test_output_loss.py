@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from train_fixtures import quick_config
+from fixtures_train import quick_config
 
 from gist_jax import data, model_loading, tiny_tokenizer
 from gist_jax.models import llama

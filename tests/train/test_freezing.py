@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from train_fixtures import quick_config, step_losses
+from fixtures_train import quick_config, step_losses
 
 from gist_jax import checkpoint as ckpt_lib
 from gist_jax import data, model_loading, tiny_tokenizer, train, train_config

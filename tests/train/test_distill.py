@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_fixtures import quick_config, step_losses
+from fixtures_train import quick_config, step_losses
 
 from gist_jax import data, model_loading, tiny_tokenizer, train, train_config
 from gist_jax.models.family import LLAMA

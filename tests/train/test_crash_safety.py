@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_fixtures import quick_config, step_losses
+from fixtures_train import quick_config, step_losses
 
 from benchmarks.probes import soak_crash as soak
 from gist_jax import train

@@ -25,7 +25,7 @@ from gist_jax.convert.to_hf import convert_to_hf
 from gist_jax.models import llama
 from gist_jax.models.attention import KVCache
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # Runs a conversion in a fresh interpreter where torch cannot be imported.
 _NO_TORCH = (

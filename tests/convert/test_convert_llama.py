@@ -24,7 +24,7 @@ from gist_jax.convert.from_hf import convert_from_hf
 from gist_jax.convert.to_hf import convert_to_hf
 from gist_jax.models import layers, llama
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _logits(config, params, ids, positions, mask):
