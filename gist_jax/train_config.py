@@ -67,8 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "cpu"
 
     c.data = ml_collections.ConfigDict()
-    # "synthetic": the built-in suite (gist_jax.data.synthetic); else a directory or URL
-    # prefix holding alpaca_plus_{split}.json files.
+    # "synthetic": the built-in suite (gist_jax.data.synthetic); "synthetic_v2",
+    # "synthetic_v3", "synthetic_v3_wide": its later versions (gist_jax.data.sources); else
+    # a directory or URL prefix holding alpaca_plus_{split}.json files.
     c.data.source = "synthetic"
     c.data.train_split = "train"
     c.data.num_train_examples = -1  # -1: all (synthetic: its default size)

@@ -5,7 +5,11 @@ paired control rows of docs/results.md section 8.
 
     python -m benchmarks.probes.paired_models --new=NEW/predictions.jsonl \\
         --old=docs/results/synthetic_v3/k2_seed0/predictions.jsonl \\
-        [--conditions=gist,pos_control,neg_control] [--new_condition=pos_control]
+        [--conditions=gist,pos_control,neg_control] [--new_condition=pos_control] \\
+        [--splits=validation_unseen]
+
+Two runs on different suites share only some splits (``synthetic_v3_wide`` holds version
+3's never-trained examples): ``--splits`` names the ones to pair.
 """
 
 from __future__ import annotations
@@ -39,13 +43,17 @@ def main() -> None:
     parser.add_argument("--old", required=True)
     parser.add_argument("--conditions", default="gist,pos_control,neg_control")
     parser.add_argument("--new_condition", default=None, help="the new file's condition, if other")
+    parser.add_argument("--splits", default="", help="comma-separated; default: all in both")
     args = parser.parse_args()
     print("| condition | split | new | old | paired new - old |")
     print("|---|---|---|---|---|")
     for condition in args.conditions.split(","):
         new = _scores(args.new, args.new_condition or condition)
         old = _scores(args.old, condition)
-        for split in sorted(set(new) & set(old)):
+        wanted = set(args.splits.split(",")) if args.splits else set(new) & set(old)
+        for split in sorted(wanted):
+            if split not in new or split not in old:
+                raise SystemExit(f"{split}: not in both files")
             (new_keys, a), (old_keys, b) = new[split], old[split]
             if new_keys != old_keys:
                 raise SystemExit(f"{split}: the two files hold different examples")
