@@ -36,7 +36,7 @@ def probe_examples(ops: list[str], per_op: int, shots: int, seed: int = 0) -> li
         instruction = op.phrases[0].format(x=v3._NOUN[kind], **slots)
         instruction = suite.expand(instruction[0].upper() + instruction[1:], rng) + "."
         solved = []
-        for x in rng.sample(v3._INPUTS[kind], len(v3._INPUTS[kind])):
+        for x in rng.sample(v3.INPUTS[kind], len(v3.INPUTS[kind])):
             try:
                 solved.append((x, op.apply(slots, x)))
             except suite.Invalid:

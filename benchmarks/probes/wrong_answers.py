@@ -41,7 +41,7 @@ def trained_answers(suite: object, value: str, kind: str, rng: random.Random) ->
 
 def classify(rows: list[dict], suite: object, tasks: dict[tuple[str, str], str]) -> dict:
     """condition -> Counter of right / trained_relation / input / other."""
-    rng = random.Random(0)
+    answers: dict[tuple[str, str], set[str]] = {}  # (input, kind) -> trained answers
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for row in rows:
         prediction, reference = row["prediction"].strip(), row["reference"].strip()
@@ -50,7 +50,10 @@ def classify(rows: list[dict], suite: object, tasks: dict[tuple[str, str], str])
         kind = op.kind if op.kind != "any" else _kind_of(suite, row["input"])
         if prediction == reference:
             label = "right"
-        elif prediction in trained_answers(suite, row["input"], kind, rng):
+        elif prediction in answers.setdefault(
+            (row["input"], kind),
+            trained_answers(suite, row["input"], kind, random.Random(row["input"])),
+        ):
             label = "trained_relation"
         elif prediction == row["input"].strip():
             label = "input"
@@ -61,7 +64,7 @@ def classify(rows: list[dict], suite: object, tasks: dict[tuple[str, str], str])
 
 
 def _kind_of(suite: object, text: str) -> str:
-    return next(k for k in suite.KINDS if text in suite._INPUTS[k])
+    return next(k for k in suite.KINDS if text in suite.INPUTS[k])
 
 
 def main() -> None:

@@ -364,12 +364,12 @@ def pairs(
 
 def trained_pairs(held_out: bool = False) -> list[tuple[str, str]]:
     """(relation, format) compositions of trained ops, split by ``held_out_pair``."""
-    return pairs(RELATIONS, FORMATS, held_out)
+    return SUITE.held_out_pairs if held_out else SUITE.train_pairs
 
 
 # -- inputs ----------------------------------------------------------------------------------
 
-_INPUTS: dict[str, tuple[str, ...]] = {
+INPUTS: dict[str, tuple[str, ...]] = {
     _NUM: tuple(str(n) for n in range(1, 100)),
     _MON: MONTHS,
     _DAY: DAYS,
@@ -451,11 +451,8 @@ def held_out_arg_ops(train_ops: Sequence[str], ops: dict[str, Op]) -> tuple[str,
     return tuple(n for n in train_ops if all(suite.arg_partitions(ops[n])))
 
 
-HELD_OUT_ARG_OPS: tuple[str, ...] = held_out_arg_ops(TRAIN_OPS, OPS)
-
-
 def _draw_input(spec: Spec, rng: random.Random) -> tuple[str, str]:
-    text = rng.choice(_INPUTS[spec.kind])
+    text = rng.choice(INPUTS[spec.kind])
     return text, text
 
 
@@ -482,4 +479,5 @@ def make_suite(
 
 
 SUITE = make_suite(SOURCE, OPS, TRAIN_OPS, UNSEEN_OPS)
+HELD_OUT_ARG_OPS: tuple[str, ...] = SUITE.held_out_arg_ops
 make_split = SUITE.make_split

@@ -25,7 +25,7 @@ SOURCE = "synthetic_v3_wide"
 SPLITS = v3.SPLITS
 DEFAULT_SIZES = v3.DEFAULT_SIZES
 KINDS = v3.KINDS
-_INPUTS = v3._INPUTS
+INPUTS = v3.INPUTS
 _NUM, _MON, _DAY, _CIT, _ADJ, _VRB, _NOU, _LET, _ANY = (
     "number", "month", "day", "city", "adjective", "verb", "noun", "letter", "any"
 )  # fmt: skip
@@ -115,13 +115,13 @@ UNSEEN_OPS = v3.UNSEEN_OPS
 TRAIN_OPS: tuple[str, ...] = v3.TRAIN_OPS + tuple(op.name for op in _EXTRA_OPS)
 FORMATS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if OPS[n].kind == _ANY)
 RELATIONS: tuple[str, ...] = tuple(n for n in TRAIN_OPS if OPS[n].kind != _ANY)
-HELD_OUT_ARG_OPS = v3.held_out_arg_ops(TRAIN_OPS, OPS)
 SUITE = v3.make_suite(SOURCE, OPS, TRAIN_OPS, UNSEEN_OPS)
+HELD_OUT_ARG_OPS = SUITE.held_out_arg_ops
 
 
 def trained_pairs(held_out: bool = False) -> list[tuple[str, str]]:
     """(relation, format) compositions of trained ops, split by ``v3.held_out_pair``."""
-    return v3.pairs(RELATIONS, FORMATS, held_out)
+    return SUITE.held_out_pairs if held_out else SUITE.train_pairs
 
 
 def make_split(split: str, num_examples: int, seed: int = 0) -> list[dict[str, Any]]:

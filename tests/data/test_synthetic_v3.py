@@ -224,5 +224,5 @@ def test_the_input_does_not_reveal_the_task(v3, held_out):
 
 
 def _kind_of(v3, text):
-    kinds = [k for k in v3.KINDS if text in v3._INPUTS[k]]
+    kinds = [k for k in v3.KINDS if text in v3.INPUTS[k]]
     return kinds[0]
