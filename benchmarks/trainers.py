@@ -1,6 +1,6 @@
 """One training step in each framework, ready to be timed.
 
-``JaxTrainer`` runs the project's real step: ``gist_jax.train.step.make_train_step`` with
+``JaxTrainer`` runs the project's real step: ``gist_jax.train.step.step_function`` with
 the optimizer of ``gist_jax.train.optim`` (global-norm clipping + AdamW), jitted with the state
 donated as ``gist_jax.train`` does, on one device. ``TorchTrainer`` is the same step
 written the ordinary way for ``transformers``: forward with the same 4D gist mask (as
@@ -70,7 +70,7 @@ class JaxTrainer:
         keys = LLAMA.batch_keys
         self.batches = [{k: jnp.asarray(b[k]) for k in keys} for b in batches]
         step = jax.jit(
-            train_step.make_train_step(
+            train_step.step_function(
                 module,
                 LLAMA,
                 optimizer,

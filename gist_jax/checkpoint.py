@@ -235,8 +235,8 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(
                 f"cannot restore {self.directory}/{step} into this run's train state (same "
-                f"model, but a different optimizer state layout: was train.frozen_layers or "
-                f"train.frozen_params changed?): {err}"
+                f"model, but a different optimizer state layout: was train.frozen_layers, "
+                f"train.frozen_params or train.lr_scales changed?): {err}"
             ) from err
         return restored.state, dict(restored.data or {})
 

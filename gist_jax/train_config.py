@@ -117,6 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "mlp": every layer's MLP): the optimizer gives them zero updates and keeps no moments;
     # their gradients are still computed, so this saves no time. "" trains everything.
     c.train.frozen_params = ""
+    # Per-parameter learning rates: "fragment=factor,..." multiplies the learning rate of
+    # every parameter whose path contains the fragment (the first matching entry counts),
+    # e.g. "mlp=0.3" trains every MLP at 0.3 x train.lr. "" = one rate for all.
+    c.train.lr_scales = ""
     # What the step minimises: "lm" (cross-entropy on the completion), "distill" (context
     # distillation: KL(teacher || student), the teacher seeing the whole prompt, the
     # student under data.condition) or "mix" ((1 - w) * lm + w * distill, w =

@@ -280,7 +280,7 @@ def _run_steps(mesh_spec: dict[str, int], num_devices: int, grad_accum: int):
     shardings = ts.state_shardings(abstract, axes, mesh, tx)
     state = ts.init_state(lambda k: LLAMA.init_params(cfg, k), tx, shardings, seed=0)
     step = jax.jit(
-        tstep.make_train_step(llama.build_model(cfg), LLAMA, tx, schedule, "gist", grad_accum),
+        tstep.step_function(llama.build_model(cfg), LLAMA, tx, schedule, "gist", grad_accum),
         in_shardings=(shardings, shd.batch_sharding(mesh)),
         out_shardings=(shardings, shd.replicated(mesh)),
         donate_argnums=0,

@@ -65,7 +65,7 @@ def main() -> None:
             rng=jax.random.key_data(jax.random.key(0)),
         )
         step = jax.jit(
-            tstep.make_train_step(
+            tstep.step_function(
                 module,
                 LLAMA,
                 optimizer,

@@ -231,6 +231,11 @@ def _train_and_evaluate(
             f"train.frozen_params={config.train.frozen_params!r}: parameters whose path "
             f"contains {' or '.join(program.frozen_paths)} keep their starting values"
         )
+    if config.train.lr_scales:
+        logger.message(
+            f"train.lr_scales={config.train.lr_scales!r}: the first matching fragment scales "
+            "a parameter's learning rate"
+        )
     for line in data_setup.reports:
         logger.message(f"data: {line}")
 

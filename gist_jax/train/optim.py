@@ -19,10 +19,16 @@ Choices (and why):
   from fusing into AdamW's update: the update of SmolLM2-135M alone took 295 ms instead of
   151 ms (``python -m benchmarks.probes.bench_optimizer``, which also times the whole train step
   both ways; there the difference is within this machine's noise).
+* Per-parameter learning rates (``train.lr_scales``, ``scale_by_path``) multiply the
+  finished update of each matching parameter (AdamW's step and its weight decay alike), so
+  a factor is exactly a learning-rate multiplier for that parameter; the transform keeps
+  no state and is left out of the chain when no scale is given, so runs without it keep
+  their checkpoints' layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -122,3 +128,58 @@ def make_optimizer(
         mask=decay_mask(logical_axes),
     )
     return optax.chain(clip, adamw)
+
+
+def parse_lr_scales(spec: str, params: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
+    """``train.lr_scales`` ("fragment=factor,fragment=factor") as ``(fragment, factor)``
+    pairs. Raises ``ValueError`` naming the entry that is not ``fragment=factor``, has a
+    factor that is not a finite number >= 0, or whose fragment is in no parameter path (a
+    typo would otherwise scale nothing, silently)."""
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    pairs = []
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        fragment, sep, factor_text = (part.strip() for part in entry.partition("="))
+        try:
+            factor = float(factor_text)
+        except ValueError:
+            factor = float("nan")
+        if not sep or not fragment or not jnp.isfinite(factor) or factor < 0:
+            raise ValueError(f"{entry!r}: expected fragment=factor with a factor >= 0")
+        if not any(fragment in path for path in paths):
+            raise ValueError(
+                f"{fragment!r} is in no parameter path (paths look like {paths[len(paths) // 2]})"
+            )
+        pairs.append((fragment, factor))
+    return tuple(pairs)
+
+
+def scale_by_path(
+    optimizer: optax.GradientTransformation,
+    params: Mapping[str, Any],
+    scales: tuple[tuple[str, float], ...],
+) -> optax.GradientTransformation:
+    """``optimizer`` followed by multiplying each parameter's update by the factor of the
+    first ``(fragment, factor)`` in ``scales`` whose fragment is in its path (1 where none
+    is); ``optimizer`` itself when ``scales`` is empty. ``params`` may be abstract: only its
+    paths are read."""
+    if not scales:
+        return optimizer
+
+    def factor_of(path: tuple, _: Any) -> float:
+        text = jax.tree_util.keystr(path)
+        return next((f for fragment, f in scales if fragment in text), 1.0)
+
+    factors = jax.tree_util.tree_map_with_path(factor_of, dict(params))
+
+    def init(params: Any) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        scaled = jax.tree.map(
+            lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype), updates, factors
+        )
+        return scaled, state
+
+    return optax.chain(optimizer, optax.GradientTransformation(init, update))

@@ -89,7 +89,7 @@ class TrainProgram:
         return pipeline.global_batch(local, keys, self.mesh, self.config.train.batch_size)
 
     def step(self, state: ts.TrainState, batch: Batch) -> tuple[ts.TrainState, dict[str, Any]]:
-        """One optimizer update; ``state`` is donated. Metrics: see ``step.make_train_step``."""
+        """One optimizer update; ``state`` is donated. Metrics: see ``step.step_function``."""
         with jax.set_mesh(self.mesh), shd.rules_context(self.rules):
             return self._step(state, batch, *self._step_args)
 
@@ -186,6 +186,11 @@ def make_train_step(
         eps=t.eps,
     )
     optimizer = freezing.restrict_optimizer(optimizer, abstract_params, frozen, frozen_paths)
+    try:
+        lr_scales = optim.parse_lr_scales(config.train.lr_scales, abstract_params)
+    except ValueError as e:
+        raise train_config.ConfigError(f"train.lr_scales: {e}") from None
+    optimizer = optim.scale_by_path(optimizer, abstract_params, lr_scales)
     abstract = ts.abstract_state(abstract_params, optimizer)
     shardings = ts.state_shardings(abstract, logical_axes, mesh, optimizer)
     target = ts.with_shardings(abstract, shardings)
@@ -205,7 +210,7 @@ def make_train_step(
         teacher_dir = teacher.teacher_dir(config, loaded.checkpoint_dir)
     condition = config.data.condition
     train_fn = jax.jit(
-        tstep.make_train_step(
+        tstep.step_function(
             model,
             family,
             optimizer,

@@ -158,7 +158,7 @@ def distill_sums(
     return lm, kl
 
 
-def make_train_step(
+def step_function(
     model: nn.Module,
     family: Family,
     optimizer: optax.GradientTransformation,

@@ -102,7 +102,7 @@ def _params_hook(store):
 def _poison_updates(monkeypatch, updates):
     """Fault injection: the train step the loop builds makes the loss of these updates
     (1 = the first) NaN, by scaling their batch's float loss mask by NaN."""
-    build = tstep.make_train_step
+    build = tstep.step_function
     poisoned = jnp.asarray(updates, jnp.int32)
 
     def build_poisoned(*args, **kwargs):
@@ -114,7 +114,7 @@ def _poison_updates(monkeypatch, updates):
 
         return poisoned_step
 
-    monkeypatch.setattr(tstep, "make_train_step", build_poisoned)
+    monkeypatch.setattr(tstep, "step_function", build_poisoned)
 
 
 def test_nonfinite_steps_are_skipped_then_a_streak_stops_the_run(tmp_path, monkeypatch):

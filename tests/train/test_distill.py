@@ -142,7 +142,7 @@ def test_train_step_mixes_lm_and_kl_and_accumulates(tiny):
     results = []
     for accum in (1, 2):
         step = jax.jit(
-            tstep.make_train_step(
+            tstep.step_function(
                 model,
                 LLAMA,
                 optimizer,
@@ -168,7 +168,7 @@ def test_train_step_mixes_lm_and_kl_and_accumulates(tiny):
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # A frozen-teacher step without the teacher is an error, not a silent self-teacher.
-    plain = tstep.make_train_step(model, LLAMA, optimizer, schedule, "gist", objective=objective)
+    plain = tstep.step_function(model, LLAMA, optimizer, schedule, "gist", objective=objective)
     with pytest.raises(ValueError, match="teacher's params"):
         plain(_state(student, optimizer), batch)
 

@@ -1,7 +1,8 @@
 """Partial fine-tuning (``train.frozen_layers``): which modules freeze, a frozen step leaves
 them bit-for-bit alone while the trained modules get exactly the full step's update, no
 optimizer moments for frozen params, a frozen run resumes exactly from its orbax
-checkpoint, and impossible settings are refused by name before anything is written."""
+checkpoint, and impossible settings are refused by name before anything is written; and
+per-parameter learning rates (``train.lr_scales``), the soft form of freezing."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from fixtures_train import quick_config, step_losses
 
 from gist_jax import checkpoint as ckpt_lib
 from gist_jax import data, model_loading, tiny_tokenizer, train, train_config
+from gist_jax import sharding as shd
 from gist_jax.models.family import LLAMA
-from gist_jax.train import freezing, optim
+from gist_jax.train import freezing, optim, pipeline
 from gist_jax.train import state as ts
 from gist_jax.train import step as tstep
 
@@ -64,7 +66,7 @@ def _one_step(model, params, batch, axes, frozen):
         opt_state=optimizer.init(params),
         rng=jax.random.key_data(jax.random.key(0)),
     )
-    step = jax.jit(tstep.make_train_step(model, LLAMA, optimizer, schedule, "gist", frozen=frozen))
+    step = jax.jit(tstep.step_function(model, LLAMA, optimizer, schedule, "gist", frozen=frozen))
     new_state, metrics = step(state, batch)
     return new_state, metrics
 
@@ -182,3 +184,28 @@ def test_a_frozen_params_fragment_that_matches_nothing_is_refused(tmp_path):
     with pytest.raises(train_config.ConfigError, match=r"train\.frozen_params: 'mpl' is in no"):
         train.train_and_evaluate(config, tmp_path / "run", progress_bar=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_lr_scales_scale_one_train_step_of_the_matching_params():
+    """``train.lr_scales="mlp=0.5"`` through the public train step: from the same state
+    and batch, every MLP parameter moves exactly half as far as without the scale and
+    every other parameter moves exactly as far; a fragment that matches nothing is refused
+    by key."""
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    deltas = {}
+    for spec in ("", "mlp=0.5"):
+        config = quick_config("tiny_llama", train__lr_scales=spec, train__warmup=0)
+        program = train.make_train_step(config, mesh)
+        state = program.init_state()
+        start = jax.tree.map(np.asarray, state.params)
+        batch = next(pipeline.build_data(config, program.loaded, mesh).train)
+        state, _ = program.step(state, program.global_batch(batch))
+        moved = jax.tree.map(lambda a, b: np.asarray(a) - b, state.params, start)
+        deltas[spec] = jax.tree_util.tree_leaves_with_path(moved)
+    for (path, plain), (_, scaled) in zip(deltas[""], deltas["mlp=0.5"], strict=True):
+        factor = 0.5 if "mlp" in jax.tree_util.keystr(path) else 1.0
+        # (new - start) rounds at the params' magnitude, not the update's
+        np.testing.assert_allclose(scaled, factor * plain, rtol=1e-5, atol=1e-8)
+        assert np.any(plain != 0), jax.tree_util.keystr(path)
+    with pytest.raises(train_config.ConfigError, match=r"train\.lr_scales: 'mpl' is in no"):
+        train.make_train_step(quick_config("tiny_llama", train__lr_scales="mpl=0.5"), mesh)
