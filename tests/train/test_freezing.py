@@ -209,3 +209,10 @@ def test_lr_scales_scale_one_train_step_of_the_matching_params():
         assert np.any(plain != 0), jax.tree_util.keystr(path)
     with pytest.raises(train_config.ConfigError, match=r"train\.lr_scales: 'mpl' is in no"):
         train.make_train_step(quick_config("tiny_llama", train__lr_scales="mpl=0.5"), mesh)
+
+
+def test_resuming_with_lr_scales_where_the_run_had_none_is_refused(tmp_path):
+    full = tmp_path / "full"
+    assert _run(full, train__frozen_layers=0).step == 6
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"train\.lr_scales"):
+        _run(full, train__steps=8, train__frozen_layers=0, train__lr_scales="mlp=0.5")
