@@ -28,6 +28,7 @@ Choices (and why):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -143,7 +144,7 @@ def parse_lr_scales(spec: str, params: Mapping[str, Any]) -> tuple[tuple[str, fl
             factor = float(factor_text)
         except ValueError:
             factor = float("nan")
-        if not sep or not fragment or not jnp.isfinite(factor) or factor < 0:
+        if not sep or not fragment or not math.isfinite(factor) or factor < 0:
             raise ValueError(f"{entry!r}: expected fragment=factor with a factor >= 0")
         if not any(fragment in path for path in paths):
             raise ValueError(
