@@ -72,16 +72,23 @@ def split(params: Mapping[str, Any], frozen: frozenset[str]) -> tuple[Any, dict]
     return trained, fixed
 
 
-def parse_frozen_params(spec: str, params: Mapping[str, Any]) -> tuple[str, ...]:
-    """``train.frozen_params`` as path fragments; raises ``ValueError`` naming a fragment
-    that matches no parameter path (a typo would otherwise freeze nothing, silently)."""
-    fragments = tuple(f.strip() for f in spec.split(",") if f.strip())
+def check_fragments(fragments: Iterable[str], params: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first of ``fragments`` that is in no parameter path of
+    ``params`` (a typo in ``train.frozen_params`` or ``train.lr_scales`` would otherwise
+    select nothing, silently)."""
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     for fragment in fragments:
         if not any(fragment in path for path in paths):
             raise ValueError(
                 f"{fragment!r} is in no parameter path (paths look like {paths[len(paths) // 2]})"
             )
+
+
+def parse_frozen_params(spec: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+    """``train.frozen_params`` as path fragments; raises ``ValueError`` naming a fragment
+    that matches no parameter path."""
+    fragments = tuple(f.strip() for f in spec.split(",") if f.strip())
+    check_fragments(fragments, params)
     return fragments
 
 
