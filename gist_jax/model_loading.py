@@ -41,6 +41,8 @@ class LoadedModel:
     tokenizer: Any
     checkpoint_dir: pathlib.Path | None
     saved_scan_layers: bool | None  # layout of the params in checkpoint_dir
+    # The run adds a gist adapter that checkpoint_dir's params do not have (a no-op at init).
+    adds_gist_adapter: bool = False
 
 
 def _runtime_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -51,6 +53,29 @@ def _runtime_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "remat": m.remat,
         "attention": m.attention,
     }
+
+
+def _with_gist_adapter(config: ml_collections.ConfigDict, model_config: Any, family: Family) -> Any:
+    """``model_config`` with the run's ``model.gist_adapter_rank`` (0 keeps its own)."""
+    rank = int(config.model.gist_adapter_rank)
+    if not rank:
+        return model_config
+    saved = getattr(model_config, "gist_adapter_rank", None)
+    if saved is None:
+        raise train_config.ConfigError(
+            f"model.gist_adapter_rank={rank}: gist adapters are implemented for the LLaMA "
+            f"family only, and this model is {family.name}"
+        )
+    if saved and saved != rank:
+        raise train_config.ConfigError(
+            f"model.gist_adapter_rank={rank}, but the checkpoint's model has a rank-{saved} "
+            "gist adapter (set 0 to keep it)"
+        )
+    if model_config.gist_token_id is None:
+        raise train_config.ConfigError(
+            f"model.gist_adapter_rank={rank}: the model has no gist token id"
+        )
+    return dataclasses.replace(model_config, gist_adapter_rank=rank)
 
 
 def _default_model_dir() -> pathlib.Path:
@@ -128,16 +153,49 @@ def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
         }
         fields.update({k: v for k, v in token_ids.items() if k in names and v is not None})
         fields.update(runtime)
-        model_config = config_from_dict(fields)
+        model_config = _with_gist_adapter(config, config_from_dict(fields), family)
         return LoadedModel(model_config, family, tokenizer, None, None)
 
     ckpt_dir = (
         _default_model_dir() if source == train_config.DEFAULT_MODEL else pathlib.Path(source)
     )
     saved = config_from_dict(common.read_model_config(ckpt_dir))
-    model_config = dataclasses.replace(saved, **runtime)
+    family = family_of(saved)
+    model_config = _with_gist_adapter(config, dataclasses.replace(saved, **runtime), family)
     tokenizer = _load_tokenizer(config.model.tokenizer, ckpt_dir)
-    return LoadedModel(model_config, family_of(saved), tokenizer, ckpt_dir, saved.scan_layers)
+    adds_adapter = model_config != dataclasses.replace(saved, **runtime)
+    return LoadedModel(model_config, family, tokenizer, ckpt_dir, saved.scan_layers, adds_adapter)
+
+
+def add_gist_adapter(params: Any, model_config: Any, family: Family, seed: int = 0) -> Any:
+    """``params`` (a checkpoint's, without a gist adapter) plus the adapter ``model_config``
+    asks for, freshly initialised; its ``up`` matrices are zero, so the model still computes
+    exactly what the checkpoint did."""
+    init = jax.jit(family.init_params, static_argnums=0)
+    fresh = init(model_config, jax.random.key(seed))
+
+    def merge(new: Any, old: Any) -> Any:
+        if not isinstance(new, dict):
+            return old
+        return {k: merge(v, old[k]) if k in old else v for k, v in new.items()}
+
+    return merge(fresh, params)
+
+
+def starting_params(loaded: LoadedModel, target: Any = None, seed: int = 0) -> Any:
+    """The params a run starts from: ``loaded.checkpoint_dir``'s in the run's layer layout
+    (restored straight into ``target``, abstract arrays with shardings, when the saved
+    layout and tree match it), with a new gist adapter when the run adds one."""
+    config = loaded.config
+    direct = loaded.saved_scan_layers == config.scan_layers and not loaded.adds_gist_adapter
+    _, params, _ = loading.load_checkpoint(
+        loaded.checkpoint_dir,
+        target=target if direct else None,
+        scan_layers=config.scan_layers,
+    )
+    if loaded.adds_gist_adapter:
+        params = add_gist_adapter(params, config, loaded.family, seed)
+    return params
 
 
 def load_params(
@@ -175,10 +233,7 @@ def load_params(
             f"no checkpoint in {pathlib.Path(workdir) / ckpt_lib.CHECKPOINT_DIR} and the config's "
             "model is random init: nothing to evaluate"
         )
-    _, params, _ = loading.load_checkpoint(
-        loaded.checkpoint_dir, scan_layers=model_config.scan_layers
-    )
-    return loaded, params, 0
+    return loaded, starting_params(loaded, seed=int(config.train.seed)), 0
 
 
 def load_converted(checkpoint: str | os.PathLike) -> tuple[Any, Any, Any]:

@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     # no dense mask, masked-out tiles skipped; LLaMA family; interpreted, slowly, on a
     # CPU); models.attention.
     c.model.attention = "cpu"
+    # Rank of the gist adapter: a low-rank residual update that only the gist tokens'
+    # positions get, in every layer (LLaMA family). 0: the checkpoint's (none for an HF
+    # model); a checkpoint without one gets a new adapter that starts as a no-op.
+    c.model.gist_adapter_rank = 0
 
     c.data = ml_collections.ConfigDict()
     # "synthetic": the built-in suite (gist_jax.data.synthetic); "synthetic_v2",
@@ -234,6 +238,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", "expected 'float32' or 'bfloat16'")
     need(m.remat in ("none", "full", "dots"), "model.remat", "expected 'none', 'full' or 'dots'")
     need(m.attention in IMPLEMENTATIONS, "model.attention", f"expected one of {IMPLEMENTATIONS}")
+    need(m.gist_adapter_rank >= 0, "model.gist_adapter_rank", "must be >= 0 (0 = none)")
     if m.attention == "cudnn":
         import jax
 

@@ -88,7 +88,14 @@ def _config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
 
 
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
-    """An HF ``config.json`` dict that transformers 5 reads back into the same model."""
+    """An HF ``config.json`` dict that transformers 5 reads back into the same model.
+    ``ConversionError`` for a model with a gist adapter, which HF's classes cannot hold."""
+    if config.gist_adapter_rank:
+        raise ConversionError(
+            f"the model has a gist adapter (gist_adapter_rank={config.gist_adapter_rank}), "
+            "which Hugging Face's LLaMA-family models have no place for; serve it with "
+            "gist_jax (gist-generate, gist-compress) instead"
+        )
     rope: dict[str, Any] = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
     if config.rope_type in ("linear", "llama3"):
         rope["factor"] = config.rope_factor

@@ -105,8 +105,8 @@ def convert_to_hf(
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     config, params, tokenizer = loading.load_checkpoint(ckpt_dir)
     convert = family_of(config).conversion
-    tensors = convert.params_to_hf(params, config)
     hf_config = convert.config_to_hf(config)
+    tensors = convert.params_to_hf(params, config)
     return write_hf_dir(out_dir, hf_config, tensors, tokenizer, overwrite, max_shard_bytes)
 
 

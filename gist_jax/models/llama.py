@@ -30,6 +30,7 @@ transposes)::
         input_layernorm/scale [D], post_attention_layernorm/scale [D]
         self_attn/{q,k,v}_proj/kernel [D, H|KVH, Dh], self_attn/o_proj/kernel [H, Dh, D]
         mlp/{gate,up}_proj/kernel [D, F], mlp/down_proj/kernel [F, D]
+        gist_adapter/{down [D, R], up [R, D]}   (only with gist_adapter_rank = R > 0)
     norm/scale [D]
     lm_head/kernel [D, V]            (only when the output layer is untied)
 """
@@ -108,6 +109,11 @@ class LlamaConfig(ConfigMethods, RuntimeFields):
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | tuple[int, ...] | None = None
     gist_token_id: int | None = None
+    # Rank of a low-rank update of the residual stream that only the gist tokens' positions
+    # get, in every layer (0: none). It gives compression weights of its own, which the
+    # other tokens never use (docs/results.md, section 12). Hugging Face's models have no
+    # place for it: a model with one does not convert back to HF.
+    gist_adapter_rank: int = 0
     model_type: str = "llama"
 
     def __post_init__(self) -> None:
@@ -127,6 +133,10 @@ class LlamaConfig(ConfigMethods, RuntimeFields):
             raise ValueError(
                 f"rope type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}"
             )
+        if self.gist_adapter_rank < 0:
+            raise ValueError(f"gist_adapter_rank={self.gist_adapter_rank} must be >= 0")
+        if self.gist_adapter_rank and self.gist_token_id is None:
+            raise ValueError("a gist adapter (gist_adapter_rank > 0) needs gist_token_id")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             object.__setattr__(self, name, _as_token_ids(getattr(self, name)))
 
@@ -312,18 +322,47 @@ class MLP(nn.Module):
         return out.reshape(shape)
 
 
+class GistAdapter(nn.Module):
+    """``x @ down @ up`` at the gist tokens' positions, zero elsewhere: parameters that only
+    compression uses. ``up`` starts at zero, so a new adapter leaves the model unchanged."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gist_rows: jax.Array) -> jax.Array:
+        cfg = self.config
+        rank, dtype = cfg.gist_adapter_rank, cfg.compute_dtype
+        down = self.param("down", _init(cfg, ("embed", None)), (cfg.hidden_size, rank))
+        up = self.param("up", _zeros((None, "embed")), (rank, cfg.hidden_size))
+        delta = (x @ down.astype(dtype)) @ up.astype(dtype)
+        return delta * gist_rows
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block. Signature fits ``nn.scan``: the hidden state is the carry,
-    the layer's cache buffers are the scanned input/output."""
+    the layer's cache buffers are the scanned input/output. ``gist_rows`` (``[B, L, 1]``,
+    1 at gist tokens) is None without a gist adapter."""
 
     config: LlamaConfig
 
     @nn.compact
     def __call__(
-        self, hidden: jax.Array, rope: Rope, mask: jax.Array, kv: LayerKV, end: jax.Array | None
+        self,
+        hidden: jax.Array,
+        rope: Rope,
+        mask: jax.Array,
+        kv: LayerKV,
+        end: jax.Array | None,
+        gist_rows: jax.Array | None,
     ) -> tuple[jax.Array, LayerKV]:
         cfg = self.config
-        x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(hidden)
+        input_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")
+        x = input_norm(hidden)
+        if gist_rows is not None:
+            # Before attention, so that every layer's adapter shapes the gist tokens' keys
+            # and values in that layer (after the MLP, the last layer's would reach no loss).
+            hidden = hidden + GistAdapter(cfg, name="gist_adapter")(x, gist_rows)
+            x = input_norm(hidden)
         attn, new_kv = Attention(cfg, name="self_attn")(x, rope, mask, kv, end)
         hidden = hidden + attn
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(hidden)
@@ -362,6 +401,9 @@ class LlamaForCausalLM(nn.Module):
         rope = rope_tables(positions, cfg)
         mask = mask_for(mask, cfg.attention)
         end = None if cache is None else cache.end
+        gist_rows = None
+        if cfg.gist_adapter_rank:
+            gist_rows = (input_ids == cfg.gist_token_id)[..., None].astype(dtype)
         layer_cls = remat(DecoderLayer, cfg.remat, cfg.scan_layers)
 
         if cfg.scan_layers:
@@ -371,12 +413,12 @@ class LlamaForCausalLM(nn.Module):
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             kv = None if cache is None else (cache.k, cache.v)
-            hidden, new_kv = scanned(cfg, name="layers")(hidden, rope, mask, kv, end)
+            hidden, new_kv = scanned(cfg, name="layers")(hidden, rope, mask, kv, end, gist_rows)
         else:
             # One buffer per layer (KVCache.per_layer): each layer writes and reads its own.
             if cache is not None:
@@ -384,7 +426,8 @@ class LlamaForCausalLM(nn.Module):
             new_k, new_v = [], []
             for i in range(cfg.num_hidden_layers):
                 kv = None if cache is None else (cache.k[i], cache.v[i])
-                hidden, kv = layer_cls(cfg, name=f"layers_{i}")(hidden, rope, mask, kv, end)
+                layer = layer_cls(cfg, name=f"layers_{i}")
+                hidden, kv = layer(hidden, rope, mask, kv, end, gist_rows)
                 if kv is not None:
                     new_k.append(kv[0])
                     new_v.append(kv[1])

@@ -33,7 +33,6 @@ import optax
 
 from gist_jax import model_loading, train_config
 from gist_jax import sharding as shd
-from gist_jax.convert import loading
 from gist_jax.models.family import Family
 from gist_jax.train import freezing, optim, pipeline, teacher
 from gist_jax.train import state as ts
@@ -74,12 +73,7 @@ class TrainProgram:
         if self.loaded.checkpoint_dir is None:
             init = functools.partial(self.family.init_params, self.loaded.config)
             return ts.init_state(init, self.optimizer, self.shardings, seed)
-        same_layout = self.loaded.saved_scan_layers == self.loaded.config.scan_layers
-        _, params, _ = loading.load_checkpoint(
-            self.loaded.checkpoint_dir,
-            target=self.target.params if same_layout else None,
-            scan_layers=self.loaded.config.scan_layers,
-        )
+        params = model_loading.starting_params(self.loaded, self.target.params, seed)
         return ts.state_from_params(params, self.optimizer, self.shardings, seed)
 
     def global_batch(self, local: Mapping[str, np.ndarray]) -> Batch:

@@ -15,11 +15,12 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 
-from gist_jax import train_config
+from gist_jax import model_loading, train_config
 from gist_jax.convert import common, loading
-from gist_jax.models.family import Family, config_from_dict
+from gist_jax.models.family import Family, config_from_dict, family_of
 from gist_jax.models.layers import RUNTIME_FIELDS
 from gist_jax.train import step as tstep
 
@@ -86,13 +87,23 @@ def load_teacher(
     path = teacher_dir(config, base_dir)
     saved = config_from_dict(common.read_model_config(path))
     same = {f: getattr(model_config, f) for f in RUNTIME_FIELDS}  # a teacher may run differently
+    # A teacher without the student's gist adapter gets a no-op one (it runs the student's
+    # model code), so a pos_control run's export can teach an adapted student.
+    adds_adapter = getattr(model_config, "gist_adapter_rank", 0) and not getattr(
+        saved, "gist_adapter_rank", 0
+    )
+    if adds_adapter:
+        same["gist_adapter_rank"] = model_config.gist_adapter_rank
     if dataclasses.replace(saved, **same) != model_config:
         raise train_config.ConfigError(
             f"train.teacher={str(path)!r}: its model config differs from the student's "
             "(distillation needs the same architecture and vocabulary)"
         )
-    same_layout = saved.scan_layers == model_config.scan_layers
+    direct = saved.scan_layers == model_config.scan_layers and not adds_adapter
     _, params, _ = loading.load_checkpoint(
-        path, target=target if same_layout else None, scan_layers=model_config.scan_layers
+        path, target=target if direct else None, scan_layers=model_config.scan_layers
     )
+    if adds_adapter:
+        params = model_loading.add_gist_adapter(params, model_config, family_of(model_config))
+        params = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
     return params

@@ -249,3 +249,44 @@ def test_param_logical_axes_cover_every_param(models):
                 assert len(names) == len(shape.shape), path
                 assert set(names) <= allowed, (path, names)
                 assert ("layers" in names) == (scan and "layers" in jax.tree_util.keystr(path))
+
+
+def test_a_gist_adapter_changes_only_the_gist_rows_and_what_follows(models, batch):
+    """Positions before a row's gist tokens, and rows without any, are untouched by the
+    adapter, a new
+    adapter (``up`` = 0) changes nothing, a trained one changes everything after the gists,
+    in either layer layout; bad ranks and HF export are refused."""
+    from gist_jax import model_loading
+    from gist_jax.convert.common import ConversionError
+
+    _, base, params = models["gqa_tied_llama3"]
+    base = dataclasses.replace(base, gist_token_id=fx.GIST_ID)
+    config = dataclasses.replace(base, gist_adapter_rank=2)
+    fresh = model_loading.add_gist_adapter(params, config, LLAMA)
+    ids, positions, valid = batch["input_ids"], batch["positions"], batch["valid"]
+    mask = fx.gist_causal_mask(ids, "gist")
+    ref, _ = _apply(base, params, ids, positions, mask)
+    same, _ = _apply(config, fresh, ids, positions, mask)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(ref))
+
+    for i in range(config.num_hidden_layers):
+        up = fresh[f"layers_{i}"]["gist_adapter"]["up"]
+        fresh[f"layers_{i}"]["gist_adapter"]["up"] = jnp.full(up.shape, 0.5)
+    out, _ = _apply(config, fresh, ids, positions, mask)
+    first, _ = gist.gist_spans(ids, fx.GIST_ID)
+    first = np.asarray(first)[:, None]
+    # Before the gists, or anywhere in a row without gist tokens (first = NO_GIST).
+    before = (np.arange(ids.shape[1])[None, :] < first) | (first == gist.NO_GIST)
+    changed = np.abs(np.asarray(out) - np.asarray(ref)).max(axis=-1) > 1e-4
+    assert before.any() and not changed[before].any()
+    assert changed[valid & ~before].all()
+    scanned = dataclasses.replace(config, scan_layers=True)
+    out_scan, _ = _apply(scanned, llama.relayout_params(fresh, config, True), ids, positions, mask)
+    np.testing.assert_allclose(np.asarray(out_scan), np.asarray(out), atol=1e-5, rtol=0)
+
+    with pytest.raises(ValueError, match="gist_adapter_rank=-1"):
+        dataclasses.replace(config, gist_adapter_rank=-1)
+    with pytest.raises(ValueError, match="needs gist_token_id"):
+        dataclasses.replace(config, gist_token_id=None)
+    with pytest.raises(ConversionError, match="gist_adapter_rank=2"):
+        convert_llama.config_to_hf(config)
