@@ -16,6 +16,12 @@ answers badly that way. Here the gist mask is applied the way it is deployed:
   of their own prompt; a batch mixes prompts of different lengths (the inputs are left
   padded after the k gist slots, and the attention mask hides the padding).
 
+An export of a model with a gist adapter (``model.gist_adapter_rank``) carries it in
+``gist_adapter.safetensors`` beside the weights, which transformers does not read:
+``compress`` adds it to the gist tokens' positions (forward pre-hooks on the decoder layers,
+attached on first use from the directory the model was loaded from). Only compression sees
+gist tokens, so decoding needs nothing more.
+
 Greedy tokens equal gist_jax's own compressed decoding (``gist_jax.inference.gist_cache``)
 token for token; ``tests/test_hf_gist_cache.py`` checks it on the SmolLM2 export and a
 tiny random LLaMA at batch 1 and 4. Decoder-only models only. Needs ``torch`` (the
@@ -27,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import pathlib
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +41,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from gist_jax.convert.common import GIST_ADAPTER_FILE
 from gist_jax.data.templates import GIST_TOKEN
 from gist_jax.inference.gist_cache import GistCacheError, check_prompts
 
@@ -101,6 +109,46 @@ def _forward(model: Any, past: DynamicCache | None, **inputs: Any) -> tuple[Any,
     return out.logits, getattr(out, name)
 
 
+def _gist_adapter(model: Any) -> dict[str, Any] | None:
+    """The switch of ``model``'s gist adapter hooks (``{"rows": None | [B, L, 1] mask}``),
+    attached on first use; None for a model without an adapter."""
+    rank = getattr(model.config, "gist_adapter_rank", 0)
+    if not rank:
+        return None
+    state = getattr(model, "_gist_adapter_state", None)
+    if state is not None:
+        return state
+    path = pathlib.Path(model.name_or_path) / GIST_ADAPTER_FILE
+    if not path.is_file():
+        raise GistCacheError(
+            f"{path}: not found; the model's config.json has gist_adapter_rank={rank}, so "
+            "load it with from_pretrained from the export directory that holds the file"
+        )
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    state = {"rows": None}
+    for i, layer in enumerate(model.model.layers):
+        down = tensors[f"layers.{i}.down"].to(model.device, model.dtype)
+        up = tensors[f"layers.{i}.up"].to(model.device, model.dtype)
+
+        def add_update(module: Any, args: tuple, kwargs: dict, down=down, up=up) -> Any:
+            # gist_jax's DecoderLayer: hidden + rows * (input_layernorm(hidden) @ down @ up)
+            # before the layer's own computation.
+            rows = state["rows"]
+            if rows is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden + rows * (module.input_layernorm(hidden) @ down @ up)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        layer.register_forward_pre_hook(add_update, with_kwargs=True)
+    model._gist_adapter_state = state
+    return state
+
+
 @torch.no_grad()
 def compress(model: Any, prompts: Sequence[Sequence[int]], gist_token_id: int) -> TorchGistCache:
     """Compress prompts (each ending with its k gist tokens) into a ``TorchGistCache`` whose
@@ -116,13 +164,20 @@ def compress(model: Any, prompts: Sequence[Sequence[int]], gist_token_id: int) -
         mask[i, : len(prompt)] = 1
     # Right padded: a real token only sees real tokens to its left (causal).
     positions = torch.arange(length).expand(len(prompts), length)
-    _, past = _forward(
-        model,
-        None,
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-    )
+    adapter = _gist_adapter(model)
+    if adapter is not None:
+        adapter["rows"] = (ids == gist_token_id)[..., None].to(device, model.dtype)
+    try:
+        _, past = _forward(
+            model,
+            None,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+        )
+    finally:
+        if adapter is not None:
+            adapter["rows"] = None
     first = torch.as_tensor([len(p) - num_gist for p in prompts])
     slots = first[:, None] + torch.arange(num_gist)[None, :]  # [B, k], slot == position
     index = slots.to(device)[:, None, :, None]

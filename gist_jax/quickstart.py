@@ -205,11 +205,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if not config.eval.splits:
         problems.append("eval.splits is empty: nothing to evaluate")
-    if q.export_hf and config.model.gist_adapter_rank:
-        problems.append(
-            f"model.gist_adapter_rank={config.model.gist_adapter_rank}: a gist adapter does "
-            "not convert to Hugging Face; set quickstart.export_hf=False"
-        )
     if problems:
         raise train_config.ConfigError("invalid quickstart config:\n  " + "\n  ".join(problems))
 

@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gist_jax import model_loading
 from gist_jax.convert import llama as convert_llama
 from gist_jax.convert import t5 as convert_t5
+from gist_jax.models.family import LLAMA
 
 TOL = 1e-5
 K = 2
@@ -54,3 +56,14 @@ def t5_model():
 
 
 BATCH = 4  # several batches per call, with filler rows; every call shares the shapes
+
+
+def with_random_adapter(config, params, rank: int = 3):
+    """``config`` with a gist adapter whose ``up`` is random too (a new one is a no-op)."""
+    adapted = dataclasses.replace(config, gist_adapter_rank=rank)
+    fresh = model_loading.add_gist_adapter(params, adapted, LLAMA)
+    keys = iter(jax.random.split(jax.random.key(3), 8))
+    for i in range(config.num_hidden_layers):
+        up = fresh[f"layers_{i}"]["gist_adapter"]["up"]
+        fresh[f"layers_{i}"]["gist_adapter"]["up"] = jax.random.normal(next(keys), up.shape)
+    return adapted, fresh

@@ -10,7 +10,7 @@ import fixtures_llama as fxl
 import numpy as np
 import pytest
 import torch
-from fixtures_gist import llama_model, make_examples
+from fixtures_gist import llama_model, make_examples, with_random_adapter
 
 from gist_jax import hf_gist_cache
 from gist_jax.inference import gist_cache
@@ -135,3 +135,26 @@ def test_plain_generate_on_the_whole_prompt_ignores_the_gist_mask():
         )
         plain.append(out[0, ids.shape[1] :].tolist())
     assert plain != gist
+
+
+def test_an_export_with_a_gist_adapter_decodes_as_gist_jax(tmp_path):
+    """The adapter travels in its own file beside the HF weights; ``compress`` applies it
+    to the gist positions, so the tokens equal gist_jax's, and they differ from the same
+    model's without the adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from gist_jax.convert import common
+    from gist_jax.convert.to_hf import convert_to_hf
+
+    config, params = with_random_adapter(*llama_model())
+    ckpt = common.save_converted(tmp_path / "ckpt", params, config.to_dict(), None)
+    export = convert_to_hf(ckpt, tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
+    prompts, inputs = _split(make_examples(fxl.GIST_ID, []), fxl.GIST_ID)
+    want = _jax_tokens(config, params, prompts, inputs, 4)
+    assert _torch_tokens(model, prompts, inputs, 4, fxl.GIST_ID) == want
+    assert _jax_tokens(*llama_model(), prompts, inputs, 4) != want
+    (export / common.GIST_ADAPTER_FILE).unlink()
+    fresh = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
+    with pytest.raises(gist_cache.GistCacheError, match="gist_adapter_rank=3"):
+        hf_gist_cache.compress(fresh, prompts, fxl.GIST_ID)

@@ -235,7 +235,6 @@ def test_gist_model_distils_from_the_runs_own_pos_control(trained, tmp_path):
         ("train.lr", 0.0, "train.lr=0.0"),
         ("quickstart.teacher", "base", "quickstart.teacher='base'"),
         ("quickstart.teacher", "pos_control", "needs train.objective"),
-        ("model.gist_adapter_rank", 4, "set quickstart.export_hf=False"),
     ],
 )
 def test_bad_config_fails_before_any_work(tmp_path, key, value, message):

@@ -34,6 +34,11 @@ PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 
 
+# Beside an HF export's model.safetensors: the gist adapter's tensors (LLaMA family), which
+# transformers' classes have no place for; gist_jax.hf_gist_cache applies them.
+GIST_ADAPTER_FILE = "gist_adapter.safetensors"
+
+
 class ConversionError(ValueError):
     """A checkpoint or HF directory that cannot be converted; the message names the cause."""
 

@@ -105,6 +105,12 @@ def convert_from_hf(
     hf_family(hf_config, str(hf_dir))  # an unsupported model_type fails before any reading
     if tokenizer is None:
         tokenizer = load_hf_tokenizer(hf_dir)
+    adapter_file = pathlib.Path(hf_dir) / common.GIST_ADAPTER_FILE
+    adapter = None
+    if adapter_file.is_file():
+        from safetensors.numpy import load_file
+
+        adapter = load_file(str(adapter_file))
     return convert_tensors(
         hf_config,
         common.read_safetensors(hf_dir),
@@ -113,6 +119,7 @@ def convert_from_hf(
         scan_layers=scan_layers,
         overwrite=overwrite,
         source=str(hf_dir),
+        adapter_tensors=adapter,
     )
 
 
@@ -124,14 +131,24 @@ def convert_tensors(
     scan_layers: bool = False,
     overwrite: bool = False,
     source: str = "HF tensors",
+    adapter_tensors: dict[str, Any] | None = None,
 ) -> pathlib.Path:
-    """``convert_from_hf`` on an in-memory HF config dict and state dict (numpy)."""
+    """``convert_from_hf`` on an in-memory HF config dict and state dict (numpy), plus the
+    gist adapter's tensors when ``config.json`` names a ``gist_adapter_rank``."""
     family = hf_family(hf_config, source)
     convert = family.conversion
+    rank = int(hf_config.get("gist_adapter_rank") or 0)
+    if rank and (adapter_tensors is None or not hasattr(convert, "add_adapter_from_hf")):
+        raise ConversionError(
+            f"{source}: config.json has gist_adapter_rank={rank} but there is no "
+            f"{common.GIST_ADAPTER_FILE} for a {family.name} model"
+        )
     config = convert.config_from_hf(hf_config)
     config = dataclasses.replace(config, scan_layers=scan_layers)
     params = convert.params_from_hf(tensors, config)
     params, config = add_gist(params, config, tokenizer)
+    if rank:
+        params, config = convert.add_adapter_from_hf(params, config, adapter_tensors, rank)
     common.check_params_match(params, family.abstract_params(config), f"converting {source}")
     return common.save_converted(out_dir, params, config.to_dict(), tokenizer, overwrite=overwrite)
 

@@ -10,6 +10,7 @@ Shapes are checked tensor by tensor and errors name the tensor and both shapes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,14 +89,8 @@ def _config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
 
 
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
-    """An HF ``config.json`` dict that transformers 5 reads back into the same model.
-    ``ConversionError`` for a model with a gist adapter, which HF's classes cannot hold."""
-    if config.gist_adapter_rank:
-        raise ConversionError(
-            f"the model has a gist adapter (gist_adapter_rank={config.gist_adapter_rank}), "
-            "which Hugging Face's LLaMA-family models have no place for; serve it with "
-            "gist_jax (gist-generate, gist-compress) instead"
-        )
+    """An HF ``config.json`` dict that transformers 5 reads back into the same model (a gist
+    adapter's rank included; its tensors go to ``common.GIST_ADAPTER_FILE``)."""
     rope: dict[str, Any] = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
     if config.rope_type in ("linear", "llama3"):
         rope["factor"] = config.rope_factor
@@ -142,6 +137,7 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         "pad_token_id": d["pad_token_id"],
         "use_cache": True,
         "dtype": "float32",
+        **({"gist_adapter_rank": config.gist_adapter_rank} if config.gist_adapter_rank else {}),
     }
 
 
@@ -316,6 +312,38 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
             if c.mlp_bias:
                 out[f"{pre}mlp.{proj}.bias"] = np.asarray(mlp[proj]["bias"])
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def adapter_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
+    """The gist adapter's tensors for ``common.GIST_ADAPTER_FILE``: ``layers.{i}.down``
+    ``[D, R]`` and ``layers.{i}.up`` ``[R, D]`` (empty for a model without one)."""
+    out: dict[str, np.ndarray] = {}
+    for i in range(config.num_hidden_layers if config.gist_adapter_rank else 0):
+        layer = _index_tree(params["layers"], i) if config.scan_layers else params[f"layers_{i}"]
+        for name, value in layer["gist_adapter"].items():
+            out[f"layers.{i}.{name}"] = np.ascontiguousarray(value, dtype=np.float32)
+    return out
+
+
+def add_adapter_from_hf(
+    params: dict[str, Any], config: LlamaConfig, tensors: Mapping[str, np.ndarray], rank: int
+) -> tuple[dict[str, Any], LlamaConfig]:
+    """``params`` and ``config`` with the rank-``rank`` gist adapter of ``tensors``
+    (``adapter_to_hf``'s names); ``ConversionError`` naming a missing or mis-shaped one."""
+    d = config.hidden_size
+    shapes = {"down": (d, rank), "up": (rank, d)}
+    layers = [
+        {n: take_tensor(tensors, f"layers.{i}.{n}", shape) for n, shape in shapes.items()}
+        for i in range(config.num_hidden_layers)
+    ]
+    params = dict(params)
+    if config.scan_layers:
+        stacked = {n: np.stack([layer[n] for layer in layers]) for n in shapes}
+        params["layers"] = {**params["layers"], "gist_adapter": stacked}
+    else:
+        for i, layer in enumerate(layers):
+            params[f"layers_{i}"] = {**params[f"layers_{i}"], "gist_adapter": layer}
+    return params, dataclasses.replace(config, gist_adapter_rank=rank)
 
 
 def _index_tree(tree: Any, i: int) -> Any:

@@ -4,7 +4,8 @@
 params against ``model_config.json``), maps params to an HF state dict with the family's
 conversion module, and writes ``config.json``, ``model.safetensors`` (numpy, no torch),
 ``generation_config.json`` and the tokenizer (with ``<GIST>``) atomically, ready for
-``transformers`` ``from_pretrained``. The CLI is a thin wrapper::
+``transformers`` ``from_pretrained`` (plus ``common.GIST_ADAPTER_FILE`` for a model with a
+gist adapter, which ``gist_jax.hf_gist_cache`` applies). The CLI is a thin wrapper::
 
     python -m gist_jax.convert.to_hf --ckpt_dir=CKPT --out_dir=DIR [--overwrite]
 """
@@ -70,15 +71,19 @@ def write_hf_dir(
     tokenizer: Any | None,
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    extra_weights: dict[str, dict[str, Any]] | None = None,
 ) -> pathlib.Path:
     """Write an HF model directory atomically (config, safetensors, generation config,
-    tokenizer). Shared by ``convert_to_hf`` and the bundled default model."""
+    tokenizer; ``extra_weights``: file name -> tensors that transformers does not load).
+    Shared by ``convert_to_hf`` and the bundled default model."""
     import transformers
 
     hf_config = {**hf_config, "transformers_version": transformers.__version__}
     with files.atomic_directory(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         write_weights(tensors, tmp, max_shard_bytes)
+        for name, extra in (extra_weights or {}).items():
+            common.write_safetensors(extra, tmp / name)
         generation = generation_config(hf_config)
         if generation is not None:
             generation["transformers_version"] = transformers.__version__
@@ -107,7 +112,10 @@ def convert_to_hf(
     convert = family_of(config).conversion
     hf_config = convert.config_to_hf(config)
     tensors = convert.params_to_hf(params, config)
-    return write_hf_dir(out_dir, hf_config, tensors, tokenizer, overwrite, max_shard_bytes)
+    extra = {}
+    if getattr(config, "gist_adapter_rank", 0):
+        extra[common.GIST_ADAPTER_FILE] = convert.adapter_to_hf(params, config)
+    return write_hf_dir(out_dir, hf_config, tensors, tokenizer, overwrite, max_shard_bytes, extra)
 
 
 def main(argv: Sequence[str]) -> None:

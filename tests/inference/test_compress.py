@@ -18,9 +18,18 @@ import fixtures_t5 as fxt
 import jax
 import numpy as np
 import pytest
-from fixtures_gist import BATCH, MAX_NEW, SPECS, TOL, K, llama_model, make_examples, t5_model
+from fixtures_gist import (
+    BATCH,
+    MAX_NEW,
+    SPECS,
+    TOL,
+    K,
+    llama_model,
+    make_examples,
+    t5_model,
+    with_random_adapter,
+)
 
-from gist_jax import model_loading
 from gist_jax.inference import decode, gist_cache
 from gist_jax.inference.gist_cache import GistCacheError
 from gist_jax.models import llama
@@ -239,17 +248,6 @@ def test_cache_bytes_formula():
     assert family_of(t5_config).cache_bytes(t5_config, 2) == t5_cache.nbytes_per_prompt()
 
 
-def _with_random_adapter(config, params, rank: int = 3):
-    """``config`` with a gist adapter whose ``up`` is random too (a new one is a no-op)."""
-    adapted = dataclasses.replace(config, gist_adapter_rank=rank)
-    fresh = model_loading.add_gist_adapter(params, adapted, family_of(adapted))
-    keys = iter(jax.random.split(jax.random.key(3), 8))
-    for i in range(config.num_hidden_layers):
-        up = fresh[f"layers_{i}"]["gist_adapter"]["up"]
-        fresh[f"layers_{i}"]["gist_adapter"]["up"] = jax.random.normal(next(keys), up.shape)
-    return adapted, fresh
-
-
 @pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_untied", "mistral", "gist_adapter"])
 def test_other_architectures_compress_exactly(name):
     """The converted architectures, and a LLaMA whose gist tokens get their own low-rank
@@ -257,7 +255,7 @@ def test_other_architectures_compress_exactly(name):
     under the gist mask: input-token logits against the dense reference, generated tokens
     and their logits against the full decode."""
     if name == "gist_adapter":
-        config, params = _with_random_adapter(*llama_model())
+        config, params = with_random_adapter(*llama_model())
     else:
         config, params = llama_model(name)
         assert config.architecture == name.split("_")[0]

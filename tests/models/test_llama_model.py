@@ -255,7 +255,7 @@ def test_a_gist_adapter_changes_only_the_gist_rows_and_what_follows(models, batc
     """Positions before a row's gist tokens, and rows without any, are untouched by the
     adapter, a new
     adapter (``up`` = 0) changes nothing, a trained one changes everything after the gists,
-    in either layer layout; bad ranks and HF export are refused."""
+    in either layer layout; bad ranks are refused; the HF form round-trips."""
     from gist_jax import model_loading
     from gist_jax.convert.common import ConversionError
 
@@ -288,5 +288,16 @@ def test_a_gist_adapter_changes_only_the_gist_rows_and_what_follows(models, batc
         dataclasses.replace(config, gist_adapter_rank=-1)
     with pytest.raises(ValueError, match="needs gist_token_id"):
         dataclasses.replace(config, gist_token_id=None)
-    with pytest.raises(ConversionError, match="gist_adapter_rank=2"):
-        convert_llama.config_to_hf(config)
+    assert convert_llama.config_to_hf(config)["gist_adapter_rank"] == 2
+    assert "gist_adapter_rank" not in convert_llama.config_to_hf(base)
+    # Its tensors go to HF and come back unchanged, and a missing one is named.
+    tensors = convert_llama.adapter_to_hf(fresh, config)
+    back, back_config = convert_llama.add_adapter_from_hf(dict(params), base, tensors, 2)
+    assert back_config == config
+    for i in range(config.num_hidden_layers):
+        for name in ("down", "up"):
+            got = back[f"layers_{i}"]["gist_adapter"][name]
+            np.testing.assert_array_equal(got, fresh[f"layers_{i}"]["gist_adapter"][name])
+    del tensors["layers.1.up"]
+    with pytest.raises(ConversionError, match=r"layers\.1\.up"):
+        convert_llama.add_adapter_from_hf(dict(params), base, tensors, 2)

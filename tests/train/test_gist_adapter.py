@@ -1,8 +1,9 @@
 """The gist adapter (``model.gist_adapter_rank``) in training: a run from a converted
 checkpoint without one starts with a new adapter that changes nothing (same logits, a
 frozen teacher without it gives zero KL), whose ``up`` matrices then train; the run stops
-and resumes exactly; its export serves with gist_jax and is refused by the HF export by
-name; a T5 run asking for one is refused by key before anything is written."""
+and resumes exactly; its export goes to Hugging Face and back unchanged (an HF directory
+without the adapter's file is refused by name); a T5 run asking for one is refused by key
+before anything is written."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from fixtures_train import quick_config, step_losses
 
 from gist_jax import model_loading, train, train_config
 from gist_jax import sharding as shd
-from gist_jax.convert import loading, to_hf
-from gist_jax.convert.common import ConversionError
+from gist_jax.convert import from_hf, loading, to_hf
+from gist_jax.convert.common import GIST_ADAPTER_FILE, ConversionError
 from gist_jax.train import pipeline
 
 RANK = 4
@@ -93,7 +94,7 @@ def test_a_frozen_teacher_without_the_adapter_gets_a_no_op_one(base_export):
     assert abs(float(metrics["kl"])) < 1e-6
 
 
-def test_an_adapted_run_resumes_exactly_and_exports_for_gist_jax_only(base_export, tmp_path):
+def test_an_adapted_run_resumes_exactly_and_round_trips_through_hf(base_export, tmp_path):
     settings = {"train__steps": 4, "train__checkpoint_every": 2, "train__keep_checkpoints": 2}
 
     def run(workdir, stop_at_step=None, **extra):
@@ -114,12 +115,23 @@ def test_an_adapted_run_resumes_exactly_and_exports_for_gist_jax_only(base_expor
     assert run(resumed).resumed_from == 2
     assert step_losses(resumed) == step_losses(tmp_path / "full")
 
-    # The export carries the adapter: gist_jax reads it back, the HF export names it.
+    # The export carries the adapter; the HF export writes it beside the weights and
+    # converting that back gives the same params.
     config, params, _ = loading.load_checkpoint(full.export_dir)
     assert config.gist_adapter_rank == RANK and _adapter_leaves(params)
-    with pytest.raises(ConversionError, match="gist_adapter_rank=4"):
-        to_hf.convert_to_hf(full.export_dir, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+    hf_dir = to_hf.convert_to_hf(full.export_dir, tmp_path / "hf")
+    assert (hf_dir / GIST_ADAPTER_FILE).is_file()
+    back_config, back, _ = loading.load_checkpoint(
+        from_hf.convert_from_hf(hf_dir, tmp_path / "back")
+    )
+    assert back_config == config
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(back), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    (hf_dir / GIST_ADAPTER_FILE).unlink()
+    with pytest.raises(ConversionError, match=f"gist_adapter_rank={RANK}.*{GIST_ADAPTER_FILE}"):
+        from_hf.convert_from_hf(hf_dir, tmp_path / "without")
 
     # Evaluation restores the trained adapter from the run's checkpoint.
     _, restored, step = model_loading.load_params(
