@@ -30,12 +30,13 @@ tiny random LLaMA at batch 1 and 4. Decoder-only models only. Needs ``torch`` (t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import pathlib
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -149,6 +150,21 @@ def _gist_adapter(model: Any) -> dict[str, Any] | None:
     return state
 
 
+@contextlib.contextmanager
+def gist_adapter_at(model: Any, input_ids: torch.Tensor, gist_token_id: int) -> Iterator[None]:
+    """Within it, a forward pass of ``model`` over ``input_ids`` adds the model's gist
+    adapter (if it has one) at the gist tokens' positions, as gist_jax's model does."""
+    adapter = _gist_adapter(model)
+    if adapter is None:
+        yield
+        return
+    adapter["rows"] = (input_ids == gist_token_id)[..., None].to(model.device, model.dtype)
+    try:
+        yield
+    finally:
+        adapter["rows"] = None
+
+
 @torch.no_grad()
 def compress(model: Any, prompts: Sequence[Sequence[int]], gist_token_id: int) -> TorchGistCache:
     """Compress prompts (each ending with its k gist tokens) into a ``TorchGistCache`` whose
@@ -164,10 +180,7 @@ def compress(model: Any, prompts: Sequence[Sequence[int]], gist_token_id: int) -
         mask[i, : len(prompt)] = 1
     # Right padded: a real token only sees real tokens to its left (causal).
     positions = torch.arange(length).expand(len(prompts), length)
-    adapter = _gist_adapter(model)
-    if adapter is not None:
-        adapter["rows"] = (ids == gist_token_id)[..., None].to(device, model.dtype)
-    try:
+    with gist_adapter_at(model, ids, gist_token_id):
         _, past = _forward(
             model,
             None,
@@ -175,9 +188,6 @@ def compress(model: Any, prompts: Sequence[Sequence[int]], gist_token_id: int) -
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
         )
-    finally:
-        if adapter is not None:
-            adapter["rows"] = None
     first = torch.as_tensor([len(p) - num_gist for p in prompts])
     slots = first[:, None] + torch.arange(num_gist)[None, :]  # [B, k], slot == position
     index = slots.to(device)[:, None, :, None]
