@@ -32,6 +32,8 @@ from gist_jax.quickstart import default_config
 def get_config() -> ml_collections.ConfigDict:
     c = default_config()
     c.data.num_gist_tokens = 1  # the recipe the docs cite
+    c.model.gist_adapter_rank = 0  # and without the quickstart's gist adapter
+    c.train.lr_scales = ""
     c.data.source = ""  # required: --config.data.source=DIR
     c.data.train_split = "validation_seen"
     c.data.num_train_examples = -1

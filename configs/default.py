@@ -1,10 +1,11 @@
 """The default CPU experiment: the quickstart's gist model as one training run.
 
 The recipe is the quickstart's (``gist_jax.quickstart.default_config``: the bundled
-SmolLM2-135M-Instruct, two gist tokens, synthetic suite version 3, 250 steps of 4 packed
-96-token rows), kept in one place so the two cannot drift apart. As a run of its own it
-also logs a validation loss and writes a checkpoint every 50 steps (a step takes about
-2 s on an idle 2-core machine: docs/results.md section 9).
+SmolLM2-135M-Instruct, two gist tokens with a rank-32 gist adapter, synthetic suite
+version 3, 250 steps of 4 packed 96-token rows), kept in one place so the two cannot
+drift apart. As a run of its own it also logs a validation loss and writes a checkpoint
+every 50 steps (a step takes about 2 s on an idle 2-core machine: docs/results.md
+section 9).
 
     python -m gist_jax.train --config=configs/default.py --workdir=workdirs/default
 

@@ -17,6 +17,8 @@ from gist_jax.quickstart import default_config
 def get_config() -> ml_collections.ConfigDict:
     c = default_config()
     c.data.num_gist_tokens = 1  # the recipe the docs cite
+    c.model.gist_adapter_rank = 0  # and without the quickstart's gist adapter
+    c.train.lr_scales = ""
     c.train.steps = 70
     c.train.batch_size = 8
     c.eval.max_new_tokens = 40  # version 1 answers are at most ~30 tokens

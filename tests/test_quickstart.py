@@ -147,10 +147,13 @@ def test_disk_line_names_what_can_be_deleted(trained):
 
 def test_hf_export_reloads_with_transformers(trained):
     """The exported directory is the trained gist model: transformers loads it without
-    missing keys and reproduces gist_jax's logits under the gist mask."""
-    import torch  # noqa: F401  (transformers' model classes need it)
+    missing keys and, with the gist adapter applied (``hf_gist_cache``), reproduces gist_jax's
+    logits under the gist mask."""
+    import torch
     from fixtures_llama import torch_logits
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gist_jax import hf_gist_cache
 
     _, _, result = trained
     config, params, tokenizer = loading.load_checkpoint(result.train_dirs["gist"] / "export")
@@ -177,7 +180,9 @@ def test_hf_export_reloads_with_transformers(trained):
     assert (first >= 0).all()
     mask = np.asarray(gist.decoder_self_mask(positions, positions, first, last, "gist"))
     ours = np.asarray(llama.build_model(config).apply({"params": params}, ids, positions, mask)[0])
-    theirs = torch_logits(model, ids, positions, bool_mask=mask)
+    assert config.gist_adapter_rank  # the quickstart's: hf_gist_cache applies it
+    with hf_gist_cache.gist_adapter_at(model, torch.as_tensor(ids), config.gist_token_id):
+        theirs = torch_logits(model, ids, positions, bool_mask=mask)
     valid = positions >= 0
     diff = np.abs(ours[valid] - theirs[valid]).max()
     print(f"exported model vs gist_jax, gist mask: max abs logit diff {diff:.2e}")
@@ -279,6 +284,7 @@ def test_default_config_is_the_documented_one():
     quickstart.check_config(c)
     assert c.model.checkpoint == train_config.DEFAULT_MODEL and c.data.source == "synthetic_v3"
     assert c.data.num_gist_tokens == 2 and c.quickstart.controls == "trained"
+    assert c.model.gist_adapter_rank == 32 and c.train.lr_scales == "gist_adapter=10"
     assert tuple(c.eval.splits) == ("validation_seen", "validation_recombined", "validation_unseen")
     assert c.eval.num_examples >= 200  # the issue's minimum per split
     spec = importlib.util.spec_from_file_location("qs", REPO / "configs" / "quickstart.py")

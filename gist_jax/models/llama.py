@@ -330,18 +330,16 @@ class GistAdapter(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, gist_rows: jax.Array) -> jax.Array:
-        cfg = self.config
-        rank, dtype = cfg.gist_adapter_rank, cfg.compute_dtype
-        down = self.param("down", _init(cfg, ("embed", None)), (cfg.hidden_size, rank))
-        up = self.param("up", _zeros((None, "embed")), (rank, cfg.hidden_size))
-        delta = (x @ down.astype(dtype)) @ up.astype(dtype)
-        return delta * gist_rows
+        cfg, dtype = self.config, self.config.compute_dtype
+        down = self.param("down", _init(cfg, ("embed", None)), (x.shape[-1], cfg.gist_adapter_rank))
+        up = self.param("up", _zeros((None, "embed")), (cfg.gist_adapter_rank, x.shape[-1]))
+        return (x @ down.astype(dtype)) @ up.astype(dtype) * gist_rows
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block. Signature fits ``nn.scan``: the hidden state is the carry,
-    the layer's cache buffers are the scanned input/output. ``gist_rows`` (``[B, L, 1]``,
-    1 at gist tokens) is None without a gist adapter."""
+    the layer's cache buffers are the scanned input/output. ``gist_rows``: ``[B, L, 1]``, 1
+    at gist tokens (None without a gist adapter)."""
 
     config: LlamaConfig
 
