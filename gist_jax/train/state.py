@@ -122,12 +122,12 @@ def state_from_params(
             rng=jax.random.key_data(jax.random.split(key)[1]),
         )
 
-    params = jax.tree.map(_place, params, shardings.params)
+    params = jax.tree.map(place, params, shardings.params)
     build_jit = jax.jit(build, in_shardings=(shardings.params, None), out_shardings=shardings)
     return build_jit(params, jax.random.key(seed))
 
 
-def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+def place(x: Any, sharding: NamedSharding) -> jax.Array:
     """``x`` on ``sharding``; host arrays (identical on every process) are sliced per
     device, which also works when the sharding spans several processes."""
     if isinstance(x, jax.Array) and x.sharding == sharding:

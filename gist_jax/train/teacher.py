@@ -22,6 +22,7 @@ from gist_jax import model_loading, train_config
 from gist_jax.convert import common, loading
 from gist_jax.models.family import Family, config_from_dict, family_of
 from gist_jax.models.layers import RUNTIME_FIELDS
+from gist_jax.train import state as ts
 from gist_jax.train import step as tstep
 
 
@@ -105,5 +106,5 @@ def load_teacher(
     )
     if adds_adapter:
         params = model_loading.add_gist_adapter(params, model_config, family_of(model_config))
-        params = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
+        params = jax.tree.map(lambda x, t: ts.place(x, t.sharding), params, target)
     return params
