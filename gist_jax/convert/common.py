@@ -66,7 +66,7 @@ def _safetensors_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
     single = hf_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    found = sorted(hf_dir.glob("*.safetensors"))
+    found = sorted(p for p in hf_dir.glob("*.safetensors") if p.name != GIST_ADAPTER_FILE)
     if found:
         return found
     raise ConversionError(f"{hf_dir}: no *.safetensors weights (pytorch_model.bin is not read)")

@@ -307,3 +307,15 @@ def _copy_tree(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
 
     shutil.copytree(src, dst)
     return dst
+
+
+def test_a_directory_without_model_safetensors_does_not_read_the_gist_adapter_file(tmp_path):
+    """The glob fallback (no ``model.safetensors``, no index) reads the weight files only,
+    never the gist adapter's file beside them."""
+    from gist_jax.convert import common
+
+    common.write_safetensors({"w": np.ones((2,), np.float32)}, tmp_path / "weights.safetensors")
+    common.write_safetensors(
+        {"layers.0.up": np.ones((2,), np.float32)}, tmp_path / common.GIST_ADAPTER_FILE
+    )
+    assert set(common.read_safetensors(tmp_path)) == {"w"}
