@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_gist_tokens = 1  # the recipe the docs cite
     c.model.gist_adapter_rank = 0  # and without the quickstart's gist adapter
     c.train.lr_scales = ""
+    c.model.dtype = "float32"  # and in float32, as it was measured
     c.data.source = ""  # required: --config.data.source=DIR
     c.data.train_split = "validation_seen"
     c.data.num_train_examples = -1

@@ -4,8 +4,8 @@ The recipe is the quickstart's (``gist_jax.quickstart.default_config``: the bund
 SmolLM2-135M-Instruct, two gist tokens with a rank-32 gist adapter, synthetic suite
 version 3, 250 steps of 4 packed 96-token rows), kept in one place so the two cannot
 drift apart. As a run of its own it also logs a validation loss and writes a checkpoint
-every 50 steps (a step takes about 2 s on an idle 2-core machine: docs/results.md
-section 9).
+every 50 steps (a step takes about 1.7 s in the quickstart's bfloat16 on an idle 2-core
+machine: docs/results.md section 13).
 
     python -m gist_jax.train --config=configs/default.py --workdir=workdirs/default
 

@@ -6,6 +6,7 @@ the merged report, and the Hugging Face export reloaded with ``transformers``.""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -157,6 +158,10 @@ def test_hf_export_reloads_with_transformers(trained):
 
     _, _, result = trained
     config, params, tokenizer = loading.load_checkpoint(result.train_dirs["gist"] / "export")
+    # The export's float32 weights against transformers', computed in float32 (the run
+    # itself computed in the quickstart's bfloat16).
+    assert config.dtype == "bfloat16"
+    config = dataclasses.replace(config, dtype="float32")
     hf_tok = AutoTokenizer.from_pretrained(result.export_hf)
     assert hf_tok.convert_tokens_to_ids("<GIST>") == config.gist_token_id
     model, info = AutoModelForCausalLM.from_pretrained(
@@ -285,6 +290,7 @@ def test_default_config_is_the_documented_one():
     assert c.model.checkpoint == train_config.DEFAULT_MODEL and c.data.source == "synthetic_v3"
     assert c.data.num_gist_tokens == 2 and c.quickstart.controls == "trained"
     assert c.model.gist_adapter_rank == 32 and c.train.lr_scales == "gist_adapter=10"
+    assert c.model.dtype == "bfloat16"
     assert tuple(c.eval.splits) == ("validation_seen", "validation_recombined", "validation_unseen")
     assert c.eval.num_examples >= 200  # the issue's minimum per split
     spec = importlib.util.spec_from_file_location("qs", REPO / "configs" / "quickstart.py")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gist_jax import gist
+from gist_jax.models.matmul import matmul
 
 # Finite, so a fully masked row softmaxes to a uniform distribution rather than NaN;
 # large enough that exp(masked - unmasked) underflows to exactly 0 in float32.
@@ -359,7 +360,8 @@ class HeadProjection(nn.Module):
         kernel = self.param(
             "kernel", self.kernel_init, (x.shape[-1], self.heads, self.head_dim), jnp.float32
         )
-        y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+        flat = kernel.astype(self.dtype).reshape(kernel.shape[0], -1)
+        y = matmul(x.astype(self.dtype), flat).reshape(*x.shape[:-1], *kernel.shape[1:])
         if self.bias_init is not None:
             bias = self.param("bias", self.bias_init, (self.heads, self.head_dim), jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -378,7 +380,8 @@ class HeadMerge(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (*x.shape[-2:], self.features), jnp.float32)
-        y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
+        flat = kernel.astype(self.dtype).reshape(-1, self.features)
+        y = matmul(x.astype(self.dtype).reshape(*x.shape[:-2], -1), flat)
         if self.bias_init is not None:
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)

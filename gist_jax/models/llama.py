@@ -2,8 +2,8 @@
 and the architectures that are it with other flags). This module owns the decoder-only
 model and ``LlamaConfig``: rotary embeddings in Hugging Face's rotate-half layout (default,
 "linear" and "llama3" scaling), grouped-query attention with an explicit head dimension,
-the SwiGLU MLP, a tied or untied output layer (norms, output layer, remat and layer stacks
-come from ``gist_jax.models.layers``).
+the SwiGLU MLP, a tied or untied output layer (norms, remat and layer stacks come from
+``gist_jax.models.layers``, the weight products from ``gist_jax.models.matmul``).
 
 Call contract::
 
@@ -13,9 +13,9 @@ Call contract::
 ``positions`` are absolute positions (``-1`` = padding) used for RoPE; ``mask`` is the
 boolean ``[B, 1, Q, K]`` mask from ``gist_jax.gist`` or a ``gist.SelfMask`` (which the
 "flash" attention reads as is and the others turn dense once per call; the model never
-builds masks from token ids); with a ``KVCache`` the call writes its ``Q`` new keys (already rotated) and
-values at ``cache.end`` and attends over the whole cache. Params are float32; ``dtype``
-is the compute dtype; logits are always float32. The optional keyword ``logits_at``
+builds masks from token ids); with a ``KVCache`` the call writes its ``Q`` new keys
+(already rotated) and values at ``cache.end`` and attends over the whole cache. Params
+are float32; ``dtype`` is the compute dtype; logits are float32. Keyword ``logits_at``
 (``int32[B]``) returns only the logits of that query position per row, ``[B, 1, V]``
 (a prefill needs just the last prompt token's; this skips most of the output layer).
 With ``return_hidden=True`` the call returns the final-normed hidden states ``[B, L, D]``
@@ -59,6 +59,7 @@ from gist_jax.models.attention import (
     write_layer_cache,
 )
 from gist_jax.models.layers import ConfigMethods, RMSNorm, RuntimeFields, Unembed, remat
+from gist_jax.models.matmul import dense_dot_general, matmul
 
 ROPE_TYPES = ("default", "linear", "llama3")
 Rope = tuple[jax.Array, jax.Array]  # cos and sin tables of the positions (rope_tables)
@@ -110,9 +111,8 @@ class LlamaConfig(ConfigMethods, RuntimeFields):
     pad_token_id: int | tuple[int, ...] | None = None
     gist_token_id: int | None = None
     # Rank of a low-rank update of the residual stream that only the gist tokens' positions
-    # get, in every layer (0: none). It gives compression weights of its own, which the
-    # other tokens never use (docs/results.md, section 12). Hugging Face's models have no
-    # place for it: a model with one does not convert back to HF.
+    # get, in every layer (0: none): compression weights of their own (docs/results.md,
+    # section 12). HF exports keep it in a file of its own (convert.common).
     gist_adapter_rank: int = 0
     model_type: str = "llama"
 
@@ -310,6 +310,7 @@ class MLP(nn.Module):
                 kernel_init=_init(cfg, axes),
                 bias_init=_zeros(axes[1:]),
                 name=name,
+                dot_general=dense_dot_general,
             )
 
         shape = x.shape
@@ -333,7 +334,7 @@ class GistAdapter(nn.Module):
         cfg, dtype = self.config, self.config.compute_dtype
         down = self.param("down", _init(cfg, ("embed", None)), (x.shape[-1], cfg.gist_adapter_rank))
         up = self.param("up", _zeros((None, "embed")), (cfg.gist_adapter_rank, x.shape[-1]))
-        return (x @ down.astype(dtype)) @ up.astype(dtype) * gist_rows
+        return matmul(matmul(x, down.astype(dtype)), up.astype(dtype)) * gist_rows
 
 
 class DecoderLayer(nn.Module):
@@ -435,8 +436,7 @@ class LlamaForCausalLM(nn.Module):
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None].astype(jnp.int32), axis=1)
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="norm")(hidden)
         if return_hidden:
-            # For a loss that runs the output layer itself on a few positions
-            # (gist_jax.train.output_loss with ``output_kernel``).
+            # For a loss that runs the output layer on a few positions (train.output_loss).
             return hidden, None
         if cfg.tie_word_embeddings:
             # [V, D] embedding used as the output projection.

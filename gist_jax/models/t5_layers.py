@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from gist_jax.models import attention as attention_lib
 from gist_jax.models.attention import KVCache
 from gist_jax.models.layers import RMSNorm, remat
+from gist_jax.models.matmul import dense_dot_general
 
 if TYPE_CHECKING:
     from gist_jax.models.t5 import T5Config
@@ -223,6 +224,7 @@ class FeedForward(nn.Module):
                 param_dtype=jnp.float32,
                 kernel_init=normal_init(std, axes),
                 name=name,
+                dot_general=dense_dot_general,
             )
 
         act = ACTIVATIONS[cfg.dense_act_fn]

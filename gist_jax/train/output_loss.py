@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gist_jax.models.matmul import product, transposed
+
 # Positions per row per chunk (the train config's default). Small enough that a row's
 # completion of a gisting example usually fills one or two chunks, large enough that a
 # chunk's [B * chunk, D] x [D, V] product still runs near the matmul peak.
@@ -108,7 +110,8 @@ def _gather(hidden: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def _logits(states: jax.Array, kernel: jax.Array) -> jax.Array:
-    logits = jnp.einsum("bcd,dv->bcv", states, kernel, preferred_element_type=jnp.float32)
+    batch, chunk, dim = states.shape
+    logits = product(states.reshape(batch * chunk, dim), kernel).reshape(batch, chunk, -1)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
@@ -143,6 +146,7 @@ def _chunked_loss_fwd(
 def _chunked_loss_bwd(residuals: tuple[Any, ...], grad: jax.Array) -> tuple[Any, ...]:
     hidden, kernel, chunks = residuals
     rows = jnp.arange(hidden.shape[0])[:, None]
+    kernel_t = transposed(kernel)  # once, not per chunk (gist_jax.models.matmul)
 
     def body(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, ...]) -> tuple:
         positions, target, weight, need = xs
@@ -154,13 +158,11 @@ def _chunked_loss_bwd(residuals: tuple[Any, ...], grad: jax.Array) -> tuple[Any,
             probs = jax.nn.softmax(logits, axis=-1)
             onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=probs.dtype)
             d_logits = ((probs - onehot) * (grad * weight)[..., None]).astype(hidden.dtype)
-            d_states = jnp.einsum(
-                "bcv,dv->bcd", d_logits, kernel, preferred_element_type=jnp.float32
-            )
-            d_hidden = d_hidden.at[rows, positions].add(d_states.astype(jnp.float32))
-            d_kernel = d_kernel + jnp.einsum(
-                "bcd,bcv->dv", states, d_logits, preferred_element_type=jnp.float32
-            )
+            d_logits = d_logits.reshape(-1, d_logits.shape[-1])
+            d_states = product(d_logits, kernel_t).reshape(states.shape)
+            d_hidden = d_hidden.at[rows, positions].add(d_states)
+            flat_states = states.reshape(-1, states.shape[-1])
+            d_kernel = d_kernel + product(transposed(flat_states), d_logits)
             return d_hidden, d_kernel
 
         carry = jax.lax.cond(need, compute, lambda *c: c, *carry)

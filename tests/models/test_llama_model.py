@@ -15,7 +15,7 @@ import pytest
 
 from gist_jax import gist
 from gist_jax.convert import llama as convert_llama
-from gist_jax.models import llama
+from gist_jax.models import llama, matmul
 from gist_jax.models.attention import KVCache
 from gist_jax.models.family import LLAMA, config_from_dict
 
@@ -198,6 +198,31 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(models, batch):
     assert err < 0.1 * scale, (err, scale)
     init = LLAMA.abstract_params(bf16)
     assert {x.dtype for x in jax.tree.leaves(init)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_llama_gradients_follow_float32(models, batch, monkeypatch):
+    """The bfloat16 model's gradients, whose products go through gist_jax.models.matmul's
+    VJP on a CPU, point where float32's do, as closely as JAX's own autodiff of the plain
+    bfloat16 products (the path without the written-out transposes) does."""
+    _, config, params = models["gqa_tied_llama3"]
+    ids, positions = batch["input_ids"], batch["positions"]
+    mask = _plain_mask(positions)
+    bf16 = dataclasses.replace(config, dtype="bfloat16")
+    want = jax.tree.leaves(_jitted_grad(config)(params, ids, positions, mask))
+    got = jax.tree.leaves(_jitted_grad(bf16)(params, ids, positions, mask))
+    monkeypatch.setattr(matmul, "_copies_transposes", lambda dtype: False)
+    _jitted_grad.cache_clear()
+    plain = jax.tree.leaves(_jitted_grad(bf16)(params, ids, positions, mask))
+    _jitted_grad.cache_clear()
+
+    def cosine(a: jax.Array, b: jax.Array) -> float:
+        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    for g, w, p in zip(got, want, plain, strict=True):
+        assert g.dtype == jnp.float32
+        assert cosine(g, w) > 0.98 and cosine(g, w) > cosine(p, w) - 1e-3
+        assert cosine(g, p) > 0.999
 
 
 def test_config_round_trips_and_hf_rope_spellings(models):
