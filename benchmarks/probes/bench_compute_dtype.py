@@ -19,8 +19,6 @@ train step needs: forward, and the weight and input gradients as autodiff writes
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +28,6 @@ from benchmarks.trainers import JaxTrainer
 from gist_jax.models.matmul import product, transposed
 
 DTYPES = ("float32", "bfloat16")
-
-
-def _median_ms(fn, *args, reps: int = 30) -> float:
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
 
 
 def products() -> None:
@@ -53,7 +41,7 @@ def products() -> None:
     }
     for dtype in DTYPES:
         x, w, dy = (jnp.ones(shape, dtype) for shape in ((384, 576), (576, 1536), (384, 1536)))
-        times = {name: _median_ms(jax.jit(fn), x, w, dy) for name, fn in forms.items()}
+        times = {name: common.median_ms(jax.jit(fn), x, w, dy) for name, fn in forms.items()}
         print(f"  {dtype:9s} " + "  ".join(f"{k} {v:.2f} ms" for k, v in times.items()))
 
 
@@ -73,20 +61,15 @@ def main() -> None:
     for dtype in DTYPES:
         trainers[dtype] = JaxTrainer(model.with_runtime(dtype=dtype), [batch])
         first_loss[dtype] = trainers[dtype].step()  # also the warm-up
-    samples: dict[str, list[float]] = {d: [] for d in DTYPES}
-    for rep in range(args.reps):
-        for dtype in DTYPES if rep % 2 == 0 else DTYPES[::-1]:
-            start = time.perf_counter()
-            trainers[dtype].step()
-            samples[dtype].append(time.perf_counter() - start)
-    base = statistics.median(samples[DTYPES[0]])
+    timings = common.measure({d: trainers[d].step for d in DTYPES}, args.reps, warmup=0)
+    base = timings[DTYPES[0]].median
     print(f"train step {args.batch} x {args.length}, {args.reps} interleaved reps")
     for dtype in DTYPES:
-        median = statistics.median(samples[dtype])
+        median = timings[dtype].median
         print(
             f"  {dtype:9s} compile {trainers[dtype].compile_s:5.1f} s  first loss "
             f"{first_loss[dtype]:.4f}  median step {median:.2f} s  x{median / base:.2f} of "
-            f"{DTYPES[0]}  samples " + " ".join(f"{s:.2f}" for s in samples[dtype])
+            f"{DTYPES[0]}  samples " + " ".join(f"{t:.2f}" for t in timings[dtype].samples)
         )
 
 
