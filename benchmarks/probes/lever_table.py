@@ -99,7 +99,12 @@ def plot(rows: list[dict], path: str, xlabel: str = XLABEL) -> None:
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     for series in dict.fromkeys(r["series"] for r in rows):
         points = sorted(
-            (r["minutes"], r["scores"]["validation_unseen"]) for r in rows if r["series"] == series
+            (
+                (r["minutes"], r["scores"]["validation_unseen"])
+                for r in rows
+                if r["series"] == series
+            ),
+            key=lambda point: point[0],  # two rows of one budget: their scores do not order
         )
         xs = [m for m, _ in points]
         ys = [s["share"] for _, s in points]
