@@ -16,6 +16,7 @@ to more than the wall time: compare rows with each other, not with the total.
     python -m benchmarks.profile --what=train             # SmolLM2, 8 x 128
     python -m benchmarks.profile --what=decode --batch=16
     python -m benchmarks.profile --what=train --model=tiny --top=10
+    python -m benchmarks.profile --what=train --batch=4 --length=96 --dtype=bfloat16  # quickstart
 
 For the train step it also prints the traced time summed by phase (forward, backward,
 optimizer update, other; ``phase_totals``).
@@ -111,11 +112,15 @@ def phase_totals(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     return totals
 
 
-def _workload(what: str, model_name: str, batch: int, length: int, new_tokens: int) -> Callable:
+def _workload(
+    what: str, model_name: str, batch: int, length: int, new_tokens: int, dtype: str
+) -> Callable:
     from benchmarks import common, decode_bench, train_bench
     from benchmarks.trainers import JaxTrainer
 
     model = common.load_model(model_name)
+    if dtype:  # the quickstart's runtime: this compute dtype, layers unrolled
+        model = model.with_runtime(dtype=dtype, scan_layers=False)
     if what == "train":
         trainer = JaxTrainer(model, [train_bench.train_batch(model, batch, length)])
         return trainer.step
@@ -131,6 +136,7 @@ def profile(
     new_tokens: int = 64,
     runs: int = 2,
     out_dir: str | None = None,
+    dtype: str = "",
 ) -> list[dict[str, Any]]:
     """Trace ``runs`` calls of the workload after a warm-up; returns ``summarize``'s rows."""
     if what not in ("train", "decode"):
@@ -140,7 +146,7 @@ def profile(
     enable_tracing(dump_dir, "jit_step" if what == "train" else "llama_generate")
     import jax
 
-    run = _workload(what, model, batch, length, new_tokens)
+    run = _workload(what, model, batch, length, new_tokens, dtype)
     run()  # compile and warm up outside the trace
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     for _ in range(runs):
@@ -155,7 +161,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    rows = profile(f.what, f.model, f.batch, f.length, f.new_tokens, f.runs, f.out)
+    rows = profile(f.what, f.model, f.batch, f.length, f.new_tokens, f.runs, f.out, f.dtype)
     print(table(rows, f.top))
     if f.what == "train":
         totals = phase_totals(rows)
@@ -175,6 +181,12 @@ def _define_flags() -> None:
     flags.DEFINE_integer("new_tokens", 64, "Decode: generated tokens.")
     flags.DEFINE_integer("runs", 2, "Traced calls (after one untraced warm-up).")
     flags.DEFINE_integer("top", 30, "Rows to print.")
+    flags.DEFINE_string(
+        "dtype",
+        "",
+        "'float32' or 'bfloat16': that compute dtype with unrolled layers (the "
+        "quickstart's runtime); '' = the benchmark model as loaded.",
+    )
     flags.DEFINE_string("out", None, "Keep the trace and HLO dump here (default: a temp dir).")
 
 

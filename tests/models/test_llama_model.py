@@ -288,6 +288,13 @@ def test_a_gist_adapter_changes_only_the_gist_rows_and_what_follows(models, batc
     base = dataclasses.replace(base, gist_token_id=fx.GIST_ID)
     config = dataclasses.replace(base, gist_adapter_rank=2)
     fresh = model_loading.add_gist_adapter(params, config, LLAMA)
+    # The adapter is the one a full init with the same key makes (only it is computed).
+    full = LLAMA.init_params(config, jax.random.key(0))
+    adapters = [(fresh[f"layers_{i}"], full[f"layers_{i}"]) for i in range(base.num_hidden_layers)]
+    for got, want in adapters:
+        for name in ("down", "up"):
+            want_value = np.asarray(want["gist_adapter"][name])
+            np.testing.assert_array_equal(np.asarray(got["gist_adapter"][name]), want_value)
     ids, positions, valid = batch["input_ids"], batch["positions"], batch["valid"]
     mask = fx.gist_causal_mask(ids, "gist")
     ref, _ = _apply(base, params, ids, positions, mask)
