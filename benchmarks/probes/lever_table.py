@@ -116,9 +116,11 @@ def plot(rows: list[dict], path: str, xlabel: str = XLABEL) -> None:
     ax.axhline(70, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("unseen gap recovered (%)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False, fontsize="small"
+    )
+    # "tight": a legend of many series below the axes stays inside the image.
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
