@@ -13,10 +13,10 @@ OUT=docs/results
 
 # 1. Alpaca+ with SmolLM2-135M-Instruct: k=1 with the separately trained pos/neg controls,
 #    then gist models with k=2 and k=5 (the controls do not depend on k).
-python -m gist_jax.quickstart --config=configs/alpaca_plus_cpu.py \
+python -m gist_tools.quickstart --config=configs/alpaca_plus_cpu.py \
   --config.data.source="$DATA" --workdir="$WORK/alpaca_k1"
 for k in 2 5; do
-  python -m gist_jax.quickstart --config=configs/alpaca_plus_cpu.py \
+  python -m gist_tools.quickstart --config=configs/alpaca_plus_cpu.py \
     --config.data.source="$DATA" --config.data.num_gist_tokens=$k \
     --config.quickstart.controls=masked --config.eval.conditions="('gist',)" \
     --config.quickstart.export_hf=False --workdir="$WORK/alpaca_k$k"
@@ -25,5 +25,5 @@ python -m benchmarks.replication --run=k1="$WORK/alpaca_k1" --run=k2="$WORK/alpa
   --run=k5="$WORK/alpaca_k5" --out="$OUT/alpaca_plus"
 
 # 2. The encoder-decoder path: a small T5 trained from scratch on the synthetic suite.
-python -m gist_jax.quickstart --config=configs/synthetic_t5_cpu.py --workdir="$WORK/t5_synthetic"
+python -m gist_tools.quickstart --config=configs/synthetic_t5_cpu.py --workdir="$WORK/t5_synthetic"
 python -m benchmarks.replication --run=k1="$WORK/t5_synthetic" --out="$OUT/t5_synthetic"

@@ -5,7 +5,7 @@ training curves and an evaluation chart (what ``docs/results.md`` shows).
     python -m benchmarks.replication --run=k1=workdirs/alpaca/k1 --run=k2=workdirs/alpaca/k2 \\
         --run=k5=workdirs/alpaca/k5 --out=docs/results/alpaca_plus
 
-Each run is a ``gist_jax.quickstart`` workdir: ``results/metrics.json`` (split ->
+Each run is a ``gist_tools.quickstart`` workdir: ``results/metrics.json`` (split ->
 condition -> scores) and one training workdir per trained condition with its
 ``metrics.jsonl``. The controls are taken from the first run that has them (in the paper,
 as here, the pos/neg control models do not depend on k). Writes ``table.md`` (scores, gap
@@ -25,8 +25,9 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gist_jax import gap, gist, metrics, quickstart
+from gist_jax import gap, gist, metrics
 from gist_jax.cli.entry import run_app
+from gist_tools import quickstart
 
 CONTROLS = ("pos_control", "neg_control")
 # A run's own files copied beside the report: (path under the workdir, name in the copy).

@@ -7,7 +7,7 @@ authors did not release as a file; see docs/results.md).
 Run through the quickstart runner (three trainings, evaluation, report, HF export); the
 data directory is a required flag, there is no default::
 
-    python -m gist_jax.quickstart --config=configs/alpaca_plus_cpu.py \\
+    python -m gist_tools.quickstart --config=configs/alpaca_plus_cpu.py \\
         --config.data.source=/path/to/alpaca_plus --workdir=workdirs/alpaca_k1 \\
         [--config.data.num_gist_tokens=2]
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from gist_jax.quickstart import default_config
+from gist_tools.quickstart import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:

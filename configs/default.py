@@ -1,6 +1,6 @@
 """The default CPU experiment: the quickstart's gist model as one training run.
 
-The recipe is the quickstart's (``gist_jax.quickstart.default_config``: the bundled
+The recipe is the quickstart's (``gist_tools.quickstart.default_config``: the bundled
 SmolLM2-135M-Instruct, two gist tokens with a rank-32 gist adapter, synthetic suite
 version 3, 250 steps of 4 packed 96-token rows), kept in one place so the two cannot
 drift apart. As a run of its own it also logs a validation loss and writes a checkpoint
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from gist_jax.quickstart import default_config
+from gist_tools.quickstart import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:

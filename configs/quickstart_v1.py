@@ -4,14 +4,14 @@ rows, 70 steps, 100 examples on ``validation_seen`` / ``validation_unseen``). At
 budget the gist model learns the training families as labels, not to compress new
 instructions; the default quickstart (suite version 3) replaced it::
 
-    python -m gist_jax.quickstart --workdir=workdirs/quickstart_v1 --config=configs/quickstart_v1.py
+    python -m gist_tools.quickstart --workdir=workdirs/quickstart_v1 --config=configs/quickstart_v1.py
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from gist_jax.quickstart import default_config
+from gist_tools.quickstart import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:

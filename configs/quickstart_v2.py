@@ -6,10 +6,10 @@ which the gist model does not yet use its gist token on this suite; trained for 
 and compositions. docs/results.md section 4 has the measured table and the ablation
 (objective, k, steps)::
 
-    python -m gist_jax.quickstart --workdir=workdirs/quickstart_v2 --config=configs/quickstart_v2.py
+    python -m gist_tools.quickstart --workdir=workdirs/quickstart_v2 --config=configs/quickstart_v2.py
     # the budget at which the gist model compresses new arguments and compositions
     # (three models: several hours)
-    python -m gist_jax.quickstart --workdir=workdirs/quickstart_v2_530 \
+    python -m gist_tools.quickstart --workdir=workdirs/quickstart_v2_530 \
         --config=configs/quickstart_v2.py --config.train.steps=530
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from gist_jax.quickstart import default_config
+from gist_tools.quickstart import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:

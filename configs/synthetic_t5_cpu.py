@@ -8,7 +8,7 @@ trained for 1,200 steps (about 7 minutes per model on a 2-core CPU, 22 minutes f
 three). A model this small and untrained knows nothing beyond its training families, so
 it can learn validation_seen but not the held-out families of validation_unseen::
 
-    python -m gist_jax.quickstart --config=configs/synthetic_t5_cpu.py --workdir=workdirs/t5
+    python -m gist_tools.quickstart --config=configs/synthetic_t5_cpu.py --workdir=workdirs/t5
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from gist_jax import evaluate, model_loading
 from gist_jax.convert import loading
 from gist_jax.data import suite
 from gist_jax.data import synthetic_v3 as v3
-from gist_jax.quickstart import default_config
+from gist_tools.quickstart import default_config
 
 
 def probe_examples(ops: list[str], per_op: int, shots: int, seed: int = 0) -> list[dict]:

@@ -13,7 +13,8 @@ import importlib.util
 import pathlib
 import time
 
-from gist_jax import quickstart, train
+from gist_jax import train
+from gist_tools import quickstart
 
 
 def main() -> None:

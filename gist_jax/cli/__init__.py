@@ -1,4 +1,4 @@
-"""Command-line tools for deploying a gist model: ``gist-compress`` (instructions -> a gist
-cache store) and ``gist-generate`` (instruction or stored prompt id + inputs -> text). Each
-module has a library function (what tests call), ``main(argv)`` for ``absl.app`` and
-``run()`` (the console script)."""
+"""What every console script shares: ``entry.run_app`` (one line, no traceback, for a
+user's mistake) and ``run_flags`` (the flags of the run commands). The commands themselves
+live with what they run: ``gist_jax.train``, ``gist_jax.evaluate``, ``gist_jax.convert`` and,
+outside the library, ``gist_tools``."""

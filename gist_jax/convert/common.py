@@ -35,7 +35,7 @@ TOKENIZER_DIR = "tokenizer"
 
 
 # Beside an HF export's model.safetensors: the gist adapter's tensors (LLaMA family), which
-# transformers' classes have no place for; gist_jax.hf_gist_cache applies them.
+# transformers' classes have no place for; gist_tools.hf_gist_cache applies them.
 GIST_ADAPTER_FILE = "gist_adapter.safetensors"
 
 

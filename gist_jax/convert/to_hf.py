@@ -5,7 +5,7 @@ params against ``model_config.json``), maps params to an HF state dict with the 
 conversion module, and writes ``config.json``, ``model.safetensors`` (numpy, no torch),
 ``generation_config.json`` and the tokenizer (with ``<GIST>``) atomically, ready for
 ``transformers`` ``from_pretrained`` (plus ``common.GIST_ADAPTER_FILE`` for a model with a
-gist adapter, which ``gist_jax.hf_gist_cache`` applies). The CLI is a thin wrapper::
+gist adapter, which ``gist_tools.hf_gist_cache`` applies). The CLI is a thin wrapper::
 
     python -m gist_jax.convert.to_hf --ckpt_dir=CKPT --out_dir=DIR [--overwrite]
 """

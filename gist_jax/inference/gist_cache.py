@@ -25,7 +25,6 @@ whose prompts had different lengths. All prompts of one ``GistCache`` have the s
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,8 +36,7 @@ import numpy as np
 from gist_jax import gist
 from gist_jax.inference import decode
 from gist_jax.inference.decode import Generation
-from gist_jax.inference.programs import Rows, SamplingConfig, tracing
-from gist_jax.models.attention import KVCache
+from gist_jax.inference.programs import Rows, SamplingConfig, empty_llama_cache, tracing
 from gist_jax.models.family import family_of
 
 
@@ -193,27 +191,27 @@ def check_prompts(prompts: Sequence[Sequence[int]], gist_token_id: int | None) -
 # Compression (jitted)
 
 
-def _llama_compress(
-    params: Any,
-    rows: Rows,
-    *,
-    config: Any,
-    num_gist: int,
-    rules: Any,
-) -> GistCache:
-    with tracing("llama_compress", config, rules) as model:
-        input_ids, positions, first, last = rows.ids, rows.positions, rows.first, rows.last
-        batch, length = input_ids.shape
-        cache = KVCache.empty(
-            config.num_hidden_layers,
-            batch,
-            length,
-            config.num_key_value_heads,
-            config.head_dim,
-            config.compute_dtype,
-        )
+def _compress(params: Any, rows: Rows, *, config: Any, num_gist: int, rules: Any) -> GistCache:
+    """The gist tokens' keys and values of a right-padded batch of prompts (jitted below)."""
+    encoder_decoder = family_of(config).encoder_decoder
+    name = "t5_compress" if encoder_decoder else "llama_compress"
+    with tracing(name, config, rules) as model:
+        ids, positions, first, last = rows.ids, rows.positions, rows.first, rows.last
+        if encoder_decoder:
+            mask = gist.encoder_self_mask(positions, positions, first, last, "gist")
+            out = model.apply(
+                {"params": params}, ids, positions, mask, first, last, num_gist, method="compress"
+            )
+            return GistCache(
+                k=out.kv.k,
+                v=out.kv.v,
+                positions=out.kv.pos,
+                hidden=out.hidden,
+                model_type=config.model_type,
+            )
+        cache = empty_llama_cache(config, *ids.shape)
         mask = gist.SelfMask(positions, cache.positions_after_append(positions), first, last)
-        _, cache = model.apply({"params": params}, input_ids, positions, mask, cache)
+        _, cache = model.apply({"params": params}, ids, positions, mask, cache)
         cache = cache.stacked()
         # Prompts are right padded from position 0, so slot index == position.
         slots = first[:, None] + jnp.arange(num_gist, dtype=jnp.int32)[None, :]
@@ -226,39 +224,7 @@ def _llama_compress(
         )
 
 
-def _t5_compress(
-    params: Any,
-    rows: Rows,
-    *,
-    config: Any,
-    num_gist: int,
-    rules: Any,
-) -> GistCache:
-    with tracing("t5_compress", config, rules) as model:
-        input_ids, positions, first, last = rows.ids, rows.positions, rows.first, rows.last
-        mask = gist.encoder_self_mask(positions, positions, first, last, "gist")
-        out = model.apply(
-            {"params": params},
-            input_ids,
-            positions,
-            mask,
-            first,
-            last,
-            num_gist,
-            method="compress",
-        )
-        return GistCache(
-            k=out.kv.k,
-            v=out.kv.v,
-            positions=out.kv.pos,
-            hidden=out.hidden,
-            model_type=config.model_type,
-        )
-
-
-_COMPILED = functools.partial(jax.jit, static_argnames=("config", "num_gist", "rules"))
-_DECODER_COMPRESS = _COMPILED(_llama_compress)
-_ENCDEC_COMPRESS = _COMPILED(_t5_compress)
+_COMPRESS = jax.jit(_compress, static_argnames=("config", "num_gist", "rules"))
 
 
 def compress(
@@ -279,7 +245,6 @@ def compress(
     """
     gist_id = config.gist_token_id if gist_token_id is None else gist_token_id
     num_gist = check_prompts(prompts, gist_id)
-    fn = _ENCDEC_COMPRESS if family_of(config).encoder_decoder else _DECODER_COMPRESS
     rules = None  # activation constraints: see gist_jax.inference.decode's module docstring
     pad_id = decode.default_pad_id(config)
     batch_size = decode.round_up(batch_size or len(prompts), decode.batch_multiple(mesh))
@@ -294,7 +259,7 @@ def compress(
         first, last = gist.gist_spans(np.where(positions >= 0, ids, -1), gist_id)
         rows = decode.place_rows(ids, positions, first, last, mesh)
         with decode.mesh_context(mesh):
-            part = fn(params, rows, config=config, num_gist=num_gist, rules=rules)
+            part = _COMPRESS(params, rows, config=config, num_gist=num_gist, rules=rules)
         parts.append(part.take(np.arange(len(chunk))))
         order.extend(chunk)
     cache = GistCache.concatenate(parts)

@@ -226,6 +226,19 @@ def decode_loop(
 # LLaMA (decoder-only)
 
 
+def empty_llama_cache(config: Any, batch: int, size: int) -> KVCache:
+    """An empty self-attention cache of ``size`` slots per row for a LLaMA-family config
+    (every layer stacked, in the compute dtype)."""
+    return KVCache.empty(
+        config.num_hidden_layers,
+        batch,
+        size,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.compute_dtype,
+    )
+
+
 @flax.struct.dataclass
 class LlamaDecodeOutput:
     loop: LoopOutput
@@ -247,14 +260,7 @@ def _llama_generate(
         n_prefix = 0 if prefix is None else prefix.positions.shape[1]
         # Prompt slots, then one slot per generated token but the last (never fed back).
         size = n_prefix + length + opts.max_new_tokens - 1
-        cache = KVCache.empty(
-            config.num_hidden_layers,
-            batch,
-            size,
-            config.num_key_value_heads,
-            config.head_dim,
-            config.compute_dtype,
-        )
+        cache = empty_llama_cache(config, batch, size)
         if prefix is not None:
             origin = (0, 0, 0, 0, 0)
             cache = KVCache(

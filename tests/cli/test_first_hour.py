@@ -64,7 +64,7 @@ _MISTAKES = {
         "unknown config key 'no_such_key'",
     ),
     "gist-quickstart unknown key": (
-        "gist_jax.quickstart",
+        "gist_tools.quickstart",
         [
             "--config=configs/quickstart.py",
             "--config.quickstart.no_such_key=1",
@@ -73,7 +73,7 @@ _MISTAKES = {
         "unknown config key 'no_such_key'",
     ),
     "gist-quickstart override without config": (
-        "gist_jax.quickstart",
+        "gist_tools.quickstart",
         ["--workdir={tmp}/w", "--config.train.seed=1"],
         "--config.train.seed=1 overrides a key of a config file: name the file first",
     ),
@@ -87,12 +87,12 @@ _MISTAKES = {
         _MISSING,
     ),
     "gist-generate missing checkpoint": (
-        "gist_jax.cli.gist_generate",
+        "gist_tools.gist_generate",
         [f"--checkpoint={_MISSING}", "--instruction=Reverse the words.", "--input=a b"],
         _MISSING,
     ),
     "gist-compress missing prompts": (
-        "gist_jax.cli.gist_compress",
+        "gist_tools.gist_compress",
         ["--checkpoint=default", f"--prompts={_MISSING}/p.jsonl", "--store={tmp}/store"],
         _MISSING,
     ),

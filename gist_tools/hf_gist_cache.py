@@ -23,7 +23,7 @@ attached on first use from the directory the model was loaded from). Only compre
 gist tokens, so decoding needs nothing more.
 
 Greedy tokens equal gist_jax's own compressed decoding (``gist_jax.inference.gist_cache``)
-token for token; ``tests/test_hf_gist_cache.py`` checks it on the SmolLM2 export and a
+token for token; ``tests/tools/test_hf_gist_cache.py`` checks it on the SmolLM2 export and a
 tiny random LLaMA at batch 1 and 4. Decoder-only models only. Needs ``torch`` (the
 ``torch`` extra: ``pip install 'gist_jax[torch]'``).
 """
@@ -82,10 +82,10 @@ def encode(
     num_gist: int = 1,
     max_length: int = 512,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids with the training templates (``gist_jax.cli.prompts``): each instruction's
+    """Token ids with the training templates (``gist_tools.prompts``): each instruction's
     prompt, ending with its ``num_gist`` gist tokens, and each input's tokens after them.
     ``tokenizer`` is the export's (it holds the ``<GIST>`` token)."""
-    from gist_jax.cli import prompts
+    from gist_tools import prompts
 
     gist_id = tokenizer.convert_tokens_to_ids(GIST_TOKEN)
     config = types.SimpleNamespace(gist_token_id=gist_id, model_type="llama")

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from gist_jax import model_loading
-from gist_jax.cli import prompts as prompts_lib
 from gist_jax.cli.entry import run_app
 from gist_jax.inference import store as gist_store
 from gist_jax.models.family import family_of
+from gist_tools import prompts as prompts_lib
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """The quickstart: one command that shows gisting working end to end on one CPU.
 
-    python -m gist_jax.quickstart --workdir=workdirs/quickstart [--config=configs/quickstart.py]
+    python -m gist_tools.quickstart --workdir=workdirs/quickstart [--config=configs/quickstart.py]
 
 It (1) converts the bundled SmolLM2-135M-Instruct once (cached, see
 ``gist_jax.convert.default_model``); (2) fine-tunes it with two gist tokens on the built-in

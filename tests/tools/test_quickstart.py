@@ -1,5 +1,5 @@
 """The quickstart pipeline end to end on a tiny random-init LLaMA (the same code path as
-``python -m gist_jax.quickstart`` with the bundled model, minus the conversion): three
+``python -m gist_tools.quickstart`` with the bundled model, minus the conversion): three
 short training runs (gist and the paper's two controls, each with its own mask), generation
 on two synthetic splits under each model's condition (gist through compressed decoding),
 the merged report, and the Hugging Face export reloaded with ``transformers``."""
@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 
 from benchmarks import replication
-from gist_jax import evaluate, gap, gist, quickstart, train_config
+from gist_jax import evaluate, gap, gist, train_config
 from gist_jax.convert import loading
 from gist_jax.models import llama
 from gist_jax.train.metrics_log import read_metrics
+from gist_tools import quickstart
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SPLITS = ("validation_seen", "validation_unseen")
 N = 4
 
@@ -154,7 +155,7 @@ def test_hf_export_reloads_with_transformers(trained):
     from fixtures_llama import torch_logits
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gist_jax import hf_gist_cache
+    from gist_tools import hf_gist_cache
 
     _, _, result = trained
     config, params, tokenizer = loading.load_checkpoint(result.train_dirs["gist"] / "export")
@@ -273,7 +274,7 @@ def test_gap_recovered():
 
 def test_cli_requires_workdir():
     proc = subprocess.run(
-        [sys.executable, "-m", "gist_jax.quickstart"],
+        [sys.executable, "-m", "gist_tools.quickstart"],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -1,4 +1,4 @@
-"""Serving with PyTorch transformers (``gist_jax.hf_gist_cache``): greedy tokens decoded from
+"""Serving with PyTorch transformers (``gist_tools.hf_gist_cache``): greedy tokens decoded from
 the gist tokens' ``past_key_values`` equal gist_jax's own compressed decoding token for
 token, on a tiny random LLaMA and on the bundled SmolLM2 exported to a Hugging Face
 directory, at batch 1 and 4, over prompts of different lengths; and plain attention over
@@ -12,8 +12,8 @@ import pytest
 import torch
 from fixtures_gist import llama_model, make_examples, with_random_adapter
 
-from gist_jax import hf_gist_cache
 from gist_jax.inference import gist_cache
+from gist_tools import hf_gist_cache
 
 MAX_NEW = 8
 
@@ -79,9 +79,9 @@ def smollm_export(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gist_jax import model_loading
-    from gist_jax.cli import prompts as prompt_lib
     from gist_jax.convert.default_model import ensure_default_model
     from gist_jax.convert.to_hf import convert_to_hf
+    from gist_tools import prompts as prompt_lib
 
     _, ckpt_dir = ensure_default_model()
     config, params, tokenizer = model_loading.load_converted(ckpt_dir)

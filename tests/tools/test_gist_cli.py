@@ -12,14 +12,14 @@ import jax
 import pytest
 
 from gist_jax import model_loading, tiny_tokenizer
-from gist_jax.cli import gist_compress, gist_generate
-from gist_jax.cli import prompts as prompts_lib
 from gist_jax.convert import common
 from gist_jax.data import tokenize
 from gist_jax.inference import decode
 from gist_jax.inference import store as gist_store
 from gist_jax.models import llama
 from gist_jax.models.family import LLAMA
+from gist_tools import gist_compress, gist_generate
+from gist_tools import prompts as prompts_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 INSTRUCTIONS = ["Reverse the order of the words.", "Give the number of items in the list."]
@@ -181,8 +181,8 @@ def test_console_scripts_are_declared():
     cfg.read(REPO / "setup.cfg")
     scripts = cfg["options.entry_points"]["console_scripts"]
     for name, target in [
-        ("gist-compress", "gist_jax.cli.gist_compress:run"),
-        ("gist-generate", "gist_jax.cli.gist_generate:run"),
+        ("gist-compress", "gist_tools.gist_compress:run"),
+        ("gist-generate", "gist_tools.gist_generate:run"),
         ("gist-eval", "gist_jax.evaluate:run"),
     ]:
         assert f"{name} = {target}" in scripts
