@@ -30,7 +30,7 @@ Workdir layout::
     quickstart.json                     timings, settings and paths of this run
 
 Running the command again reuses finished training runs (their checkpoints) and redoes
-the evaluation and export. ``quickstart(config, workdir)`` is the library entry point.
+the evaluation and export. ``quickstart(config, workdir)`` is the entry point from Python.
 """
 
 from __future__ import annotations
