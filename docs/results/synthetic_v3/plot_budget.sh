@@ -26,6 +26,7 @@ python -m benchmarks.probes.lever_table --controls=$R/k2_seed0/predictions.jsonl
   --row="$(r 'adapter, bfloat16, seed 0, 150 steps' 'adapter, bfloat16, seed 0' 17.6 quickstart_bf16_150_seed0 quickstart_bf16_150_seed0)" \
   --row="$(r 'adapter, bfloat16, seed 0, 540 steps' 'adapter, bfloat16, seed 0' 51 quickstart_bf16_540_seed0 quickstart_bf16_540_seed0)" \
   --row="$(r 'adapter, bfloat16, seed 1, 150 steps' 'adapter, bfloat16, seed 1' 17.5 quickstart_bf16_150_seed1 quickstart_bf16_150_seed1)" \
+  --row="$(r 'adapter, bfloat16, seed 2, 150 steps' 'adapter, bfloat16, seed 2' 17.9 quickstart_bf16_150_seed2 quickstart_bf16_150_seed2)" \
   --row="$(r 'adapter, bfloat16, seed 1, 540 steps' 'adapter, bfloat16, seed 1' 49 quickstart_bf16_540_seed1 quickstart_bf16_540_seed1)" \
   --row="$(r 'adapter, bfloat16, 2 rows, seed 0, 360 steps' 'adapter, bfloat16, 2 rows a step, seed 0' 27.3 quickstart_bf16_rows2_seed0 quickstart_bf16_rows2_seed0)" \
   --plot=$R/unseen_share_vs_budget.png --xlabel="minutes of the README's line (2-core CPU)" \
